@@ -1,0 +1,146 @@
+"""Our own DDIM / DDPM sampling loop with per-step hooks.
+
+The CIFAR-10 papers (DDIM, Q-Diffusion, EDA-DM) sample with the DDIM repository's `generalized_steps`: 100 steps,
+eta 0 and *quadratic* time-step spacing. diffusers' DDIMScheduler assumes even spacing and cannot produce the quad
+sequence (ecosystem.md §3), so the loop lives here. Calibration records trajectories through the same loop that
+evaluation samples with, so what is calibrated is exactly what is evaluated.
+
+`eps_fn(x_t, t) -> eps` hides the network: an unconditional UNet, a class-conditional one, or classifier-free
+guidance all present the same interface to the sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from bench.errors import UsageError
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """kind: 'ddim' (generalized steps; eta=1 is DDPM-like) or 'ddpm' (ancestral, posterior variance).
+
+    Defaults are the CIFAR-10 setting of DDIM / Q-Diffusion / EDA-DM: `--timesteps 100 --eta 0 --skip_type quad`.
+    """
+
+    kind: str = "ddim"
+    steps: int = 100
+    eta: float = 0.0
+    skip: str = "quad"
+
+    def __post_init__(self):
+        if self.kind not in ("ddim", "ddpm"):
+            raise UsageError(f"unknown sampler kind {self.kind!r}; expected 'ddim' or 'ddpm'")
+        if self.skip not in ("quad", "uniform"):
+            raise UsageError(f"unknown skip type {self.skip!r}; expected 'quad' or 'uniform'")
+        if self.steps < 1:
+            raise UsageError(f"sampler steps must be >= 1, got {self.steps}")
+
+    def describe(self) -> str:
+        return f"{self.kind}{self.steps}-eta{self.eta:g}-{self.skip}"
+
+
+@dataclass
+class StepRecord:
+    """What a hook sees at one sampling step (index 0 is the noisiest step, x_T)."""
+
+    index: int
+    t: int
+    x_t: torch.Tensor
+    eps: torch.Tensor
+    offset: int = 0  # position of this batch's first sample in the whole sample set
+
+
+def timesteps(cfg: SamplerConfig, num_train_timesteps: int = 1000) -> list[int]:
+    """Ascending list of training time steps visited, as in the DDIM repository's `generalized_steps` callers.
+
+    uniform: range(0, T, T // steps). quad: int(s) for s in linspace(0, sqrt(0.8 T), steps)**2, which covers
+    0..0.8T and repeats small values (0 appears four times for T=1000, steps=100); we keep that quirk.
+    """
+    T, n = num_train_timesteps, cfg.steps
+    if cfg.kind == "ddpm" and n >= T:
+        return list(range(T))
+    if cfg.skip == "uniform":
+        skip = max(T // n, 1)
+        return list(range(0, T, skip))[:n]
+    seq = np.linspace(0, np.sqrt(T * 0.8), n) ** 2
+    return [int(s) for s in seq]
+
+
+def _alpha(alphas_cumprod: torch.Tensor, t: int) -> float:
+    """alpha_bar at t, with alpha_bar(-1) = 1 (the DDIM repository pads beta with a leading 0)."""
+    return 1.0 if t < 0 else float(alphas_cumprod[t])
+
+
+@torch.no_grad()
+def sample_batch(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: SamplerConfig,
+                 generator: torch.Generator | None = None, hooks: Iterable[Callable[[StepRecord], None]] = (),
+                 offset: int = 0):
+    """Denoise one batch from x_T to x_0. Each hook is called once per step with a StepRecord."""
+    hooks = list(hooks)
+    seq = timesteps(cfg, len(alphas_cumprod))
+    seq_next = [-1] + seq[:-1]
+    x = x_T
+    for index, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        eps = eps_fn(x, t)
+        for h in hooks:
+            h(StepRecord(index, i, x, eps, offset))
+        at, at_next = _alpha(alphas_cumprod, i), _alpha(alphas_cumprod, j)
+        x0 = (x - eps * (1 - at) ** 0.5) / at**0.5
+        if cfg.kind == "ddim":
+            # DDIM Eq. 12 with sigma from Eq. 16 (generalized_steps in the DDIM repository).
+            c1 = cfg.eta * ((1 - at / at_next) * (1 - at_next) / (1 - at)) ** 0.5
+            c2 = ((1 - at_next) - c1**2) ** 0.5
+            noise = _randn_like(x, generator) if c1 > 0 else 0.0
+            x = at_next**0.5 * x0 + c1 * noise + c2 * eps
+        else:
+            # DDPM ancestral step on the (possibly respaced) chain: posterior mean and variance beta~_t.
+            beta = 1 - at / at_next
+            mean = (at_next**0.5 * beta / (1 - at)) * x0 + ((1 - beta) ** 0.5 * (1 - at_next) / (1 - at)) * x
+            var = beta * (1 - at_next) / (1 - at)
+            x = mean + (var**0.5 * _randn_like(x, generator) if j >= 0 else 0.0)
+    return x
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+
+
+def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """x_T for n samples from one seed, drawn on CPU so every device and batch size sees the same noise."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g)
+
+
+@torch.no_grad()
+def sample(eps_fn: EpsFn | Callable[[int, int], EpsFn], n: int, shape: tuple[int, ...], alphas_cumprod: torch.Tensor,
+           cfg: SamplerConfig, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
+           hooks: Iterable[Callable[[StepRecord], None]] = (), progress: bool = False,
+           per_batch: bool = False) -> torch.Tensor:
+    """Sample n images (returned on CPU). Deterministic for a seed, independent of batch size for eta = 0.
+
+    With per_batch=True, `eps_fn(start, stop)` is called once per batch and returns that batch's eps function
+    (how per-sample conditioning is sliced into batches).
+    """
+    x_T = initial_noise(n, shape, seed)
+    outs = []
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"sampling {cfg.describe()}", unit="batch")
+    for b, s in enumerate(starts):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + b)  # per-step noise for eta > 0 / ddpm
+        xb = x_T[s:s + batch_size].to(device)
+        fn = eps_fn(s, s + len(xb)) if per_batch else eps_fn
+        outs.append(sample_batch(fn, xb, alphas_cumprod, cfg, generator=gen, hooks=hooks, offset=s).cpu())
+    return torch.cat(outs) if outs else torch.empty((0, *shape))
