@@ -1,0 +1,170 @@
+"""TDAC: Temporal Distribution Alignment Calibration (EDA-DM, arXiv 2401.04585; official `scripts/calibration.py`).
+
+TDAC does not pick individual samples: it decides how many calibration samples come from each sampling step.
+The features are the input of the UNet's middle attention (the mid-block ResBlock output) at every step, hooked
+while the FP model samples N trajectories. Per step t:
+
+- density   D_t = #{j != t : mean((F_t - F_j)^2) <= r}         (a radius count over steps, not k-NN)
+- diversity V_t = sum_{j != t} sum_{n,h,w} (1 - cos_c(F_t, F_j)) (cosine over channels, per sample and pixel)
+- both min-max normalised over the steps, w_t = D~_t + lam * V~_t, n_t = round(N w_t / sum w), repaired so the
+  counts sum to N (deficit: +1 on the largest n_t; surplus: -1 walking backwards from the last step, never below 0).
+
+Degenerate cases (the official code divides by zero there): a criterion that is equal at every step does not
+discriminate between steps, so its normalised value is 0 everywhere (min-max maps the minimum to 0; a constant
+vector is all minimum). If every weight is then 0 (both criteria constant, or D constant and lam = 0), the
+allocation is uniform over the steps. With r too small no pair is dense (D = 0 everywhere), with r too large every
+pair is (D = T-1 everywhere): in both cases density drops out and TDAC allocates by diversity alone.
+`tdac_scores(...)["dense_fraction"]` tells which regime a feature set is in for a given r.
+
+Each FP trajectory contributes exactly one calibration sample, at the step its (seeded, shuffled) label assigns.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from bench.errors import UsageError
+
+
+def _stack(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """[T, B, C, ...] on CPU from a stacked tensor or a per-step list (sampling order, noisiest first)."""
+    if isinstance(features, torch.Tensor):
+        f = features
+    else:
+        if len(features) == 0:
+            raise UsageError("TDAC needs features for at least one sampling step; got an empty list")
+        f = torch.stack([torch.as_tensor(x) for x in features])
+    if f.dim() < 3:
+        raise UsageError(f"TDAC features must be [T, B, C, ...] (steps, samples, channels, ...); got shape "
+                         f"{tuple(f.shape)}")
+    return f.detach().cpu()
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise over steps; a constant vector maps to 0 (see the module docstring)."""
+    lo, hi = x.min(), x.max()
+    if not torch.isfinite(hi - lo) or float(hi - lo) <= 0.0:
+        return torch.zeros_like(x)
+    return (x - lo) / (hi - lo)
+
+
+def _grams(f: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, T] Gram matrices of the raw features and of the per-pixel channel-normalised features, accumulated
+    in float64 over chunks of samples (CIFAR: 100 steps x 1024 x 256 x 4 x 4 would not fit twice in float64)."""
+    T, B = f.shape[:2]
+    gram = torch.zeros(T, T, dtype=torch.float64)
+    cos = torch.zeros(T, T, dtype=torch.float64)
+    for s in range(0, B, chunk):
+        x = f[:, s:s + chunk].to(torch.float64)
+        flat = x.reshape(T, -1)
+        gram += flat @ flat.T
+        # nn.CosineSimilarity(dim=1, eps=1e-8) on [B, C, H, W]: x.y / max(|x||y|, eps); a zero vector gives 0.
+        unit = (x / x.norm(dim=2, keepdim=True).clamp(min=1e-8)).reshape(T, -1)
+        cos += unit @ unit.T
+    return gram, cos
+
+
+def _pairwise(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    gram, cos = _grams(f)
+    sq = gram.diagonal()
+    numel = f[0].numel()
+    # mean((F_t - F_j)^2) from the Gram matrix; float64 keeps near-duplicates from cancelling badly.
+    mse = ((sq[:, None] + sq[None, :] - 2.0 * gram) / numel).clamp(min=0.0).fill_diagonal_(0.0)
+    pixels = f.shape[1] * f[0, 0, 0].numel()  # B * H * W positions per step
+    return mse, cos, pixels
+
+
+def pairwise_mse(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """[T, T] matrix of mean((F_t - F_j)^2) over all elements (samples, channels, pixels)."""
+    return _pairwise(_stack(features))[0]
+
+
+def tdac_scores(features: torch.Tensor | Sequence[torch.Tensor], radius: float = 3.0,
+                lam: float = 1.2) -> dict[str, torch.Tensor | float]:
+    """Per-step TDAC criteria for plots and diagnostics: raw and normalised density and diversity, the weight w,
+    and how many step pairs fall within the radius (`dense_fraction`: 0 or 1 means density is degenerate)."""
+    if radius < 0:
+        raise UsageError(f"TDAC radius must be >= 0, got {radius}")
+    mse, cos, pixels = _pairwise(_stack(features))
+    T = mse.shape[0]
+    off = ~torch.eye(T, dtype=torch.bool)
+    density = ((mse <= radius) & off).sum(1).to(torch.float64)
+    diversity = ((pixels - cos) * off).sum(1)
+    d_n, v_n = _minmax(density), _minmax(diversity)
+    weight = d_n + lam * v_n
+    off_vals = mse[off]
+    return {
+        "density": density, "diversity": diversity, "density_norm": d_n, "diversity_norm": v_n, "weight": weight,
+        "dense_fraction": float((off_vals <= radius).double().mean()) if T > 1 else 0.0,
+        "mse_min": float(off_vals.min()) if T > 1 else 0.0,
+        "mse_median": float(off_vals.median()) if T > 1 else 0.0,
+        "mse_max": float(off_vals.max()) if T > 1 else 0.0,
+    }
+
+
+def counts_from_weights(weight: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """n_t = round(N w_t / sum w), repaired to sum to N as the official code does, never negative."""
+    T = weight.numel()
+    w = weight.to(torch.float64).clamp(min=0.0)
+    total = float(w.sum())
+    if not total > 0.0:  # every weight 0 (both criteria constant): uniform over steps
+        w, total = torch.ones(T, dtype=torch.float64), float(T)
+    counts = torch.round(n_samples * w / total).to(torch.long)
+    while counts.sum() < n_samples:  # deficit: +1 on the largest count (official repair)
+        counts[int(torch.argmax(counts))] += 1
+    i = T - 1
+    while counts.sum() > n_samples:  # surplus: -1 walking backwards from the last step, skipping zeros
+        if counts[i] > 0:
+            counts[i] -= 1
+        i = (i - 1) % T
+    return counts
+
+
+def allocate_steps(features: torch.Tensor | Sequence[torch.Tensor], n_samples: int, radius: float = 3.0,
+                   lam: float = 1.2) -> torch.Tensor:
+    """Per-step calibration counts (long [T], sums to n_samples). `features[t]` is the mid-attention input of all
+    trajectories at sampling step t, noisiest first. Defaults: CIFAR-10 script (r 3.0, lambda 1.2)."""
+    if n_samples < 0:
+        raise UsageError(f"n_samples must be >= 0, got {n_samples}")
+    return counts_from_weights(tdac_scores(features, radius, lam)["weight"], n_samples)
+
+
+def assign_steps(counts: torch.Tensor, n_trajectories: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Step label per trajectory: n_t copies of t, shuffled with a seeded randperm (the official code's
+    `randperm`); trajectories beyond sum(counts) get -1 (unused), so each contributes at most one sample."""
+    counts = torch.as_tensor(counts, dtype=torch.long)
+    labels = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    n = len(labels) if n_trajectories is None else n_trajectories
+    if len(labels) > n:
+        raise UsageError(f"TDAC allocated {len(labels)} samples but only {n} trajectories were recorded; record "
+                         f"at least {len(labels)} or lower n_samples")
+    g = torch.Generator().manual_seed(seed)
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    return torch.cat([labels, torch.full((n - len(labels),), -1, dtype=torch.long)])
+
+
+def plot_allocation(scores: dict, counts: torch.Tensor, path: str, title: str = "TDAC allocation") -> None:
+    """n_t per step (bars) with the normalised density and diversity curves, as in the paper's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(len(counts))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar(steps, counts.tolist(), color="#9bb7d4", label="n_t")
+    ax.set_xlabel("sampling step (0 = x_T)")
+    ax.set_ylabel("calibration samples n_t")
+    ax2 = ax.twinx()
+    ax2.plot(steps, scores["density_norm"].tolist(), color="#c0392b", label="density (norm.)")
+    ax2.plot(steps, scores["diversity_norm"].tolist(), color="#27ae60", label="diversity (norm.)")
+    ax2.set_ylim(-0.05, 1.05)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax2.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
