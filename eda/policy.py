@@ -1,0 +1,71 @@
+"""Bit policy as plain data: which bits go where (weights, activations, softmax, first/last layer).
+
+The defaults follow EDA-DM's released setup (eda-dm.md §2 "Quantizers" and "First/last layer"): symmetric weights
+(per output channel) and activations (per tensor), L_p (p = 2.4) range search, softmax output at 8 bit, the first
+and last weight layers at 8 bit, and the input of the network's output conv left unquantized.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from bench.errors import UsageError
+
+MIN_BITS, MAX_BITS = 2, 16
+_INITS = ("lp", "minmax")
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Bits must be an int in 2..16 (uniform fake-quant below 2 bits is meaningless, above 16 is FP in disguise)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise UsageError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def parse_bits(spec: str) -> tuple[int, int]:
+    """'W4A8' -> (4, 8). 'W8A32'-style weight-only specs are not accepted: use set_quant_state(acts=False)."""
+    m = re.fullmatch(r"\s*[Ww](\d+)\s*[Aa](\d+)\s*", str(spec))
+    if m is None:
+        raise UsageError(f"bad bit spec {spec!r}; expected W<bits>A<bits> such as W4A8 or W8A8")
+    w, a = int(m.group(1)), int(m.group(2))
+    check_bits(w, f"weight bits in {spec!r}")
+    check_bits(a, f"activation bits in {spec!r}")
+    return w, a
+
+
+@dataclass(frozen=True)
+class BitPolicy:
+    """Where each bit width goes. Plain data: methods override fields, the wrapper reads them once."""
+
+    w_bits: int
+    a_bits: int
+    softmax_bits: int = 8  # Q-Diffusion `sm_abit` default; SD W*A8 uses 16 (baselines.md §1.7)
+    first_last_8bit: bool = True  # first and last weight layers (registration order) at 8 bit (eda-dm.md §2)
+    quantize_output_input: bool = False  # official: disable_network_output_quantization (input of conv_out is FP)
+    split_shortcut: bool = True  # Q-Diffusion --split: separate quantizers for [h | skip] on the decoder shortcut
+    split_conv1: bool = False  # also split conv1's input (it sees the concat too; not done by the official code)
+    w_symmetric: bool = True  # EDA-DM: symmetric per-channel weights (Q-Diffusion uses asymmetric)
+    a_symmetric: bool = True  # EDA-DM: symmetric per-tensor activations; one-sided tensors use [0, thres]
+    w_init: str = "lp"
+    a_init: str = "lp"
+    quantize_attention: bool = True  # both attention matmuls (q, k, softmax, v quantizers)
+
+    def __post_init__(self):
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        check_bits(self.softmax_bits, "softmax_bits")
+        for name in ("w_init", "a_init"):
+            if getattr(self, name) not in _INITS:
+                raise UsageError(f"{name} must be one of {', '.join(_INITS)}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_bits(cls, spec: str, **overrides) -> BitPolicy:
+        w, a = parse_bits(spec)
+        return cls(w_bits=w, a_bits=a, **overrides)
+
+    def with_(self, **changes) -> BitPolicy:
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
