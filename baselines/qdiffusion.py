@@ -1,0 +1,83 @@
+"""Q-Diffusion (Li et al., ICCV 2023), CIFAR-10 DDIM settings of the official README (baselines.md §1).
+
+- Calibration: time step-aware uniform sampling: the steps `range(0, S, S // cali_st)` of the sampling trajectory
+  (index 0 = x_T, as DDIM's saved intermediates) and the first `cali_n` trajectories at each, 20 x 256 = 5120
+  samples by default (`get_train_samples`). Unlike TDAC/NDTC a trajectory contributes at several steps.
+- Weights: BRECQ block reconstruction with AdaRound, activations off: regulariser 0.01, b 20 -> 2, warm-up 0.2,
+  Adam lr 1e-3 (default) on alpha only, no scheduler, 20000 iterations per block/layer, batch 32, `asym=True`.
+- Activations: then the step sizes alone (LSQ, zero point fixed) with weights and activations on: Adam lr 4e-4,
+  cosine to 0, L_p loss with p = 2.4, 5000 iterations, batch 32, `asym=False` (FP block inputs).
+- Policy: asymmetric per-channel weights, symmetric per-tensor activations (`--a_sym`), shortcut split on (`--split`),
+  every layer at the same bits (no first/last 8-bit exception), min-max ('max') ranges as the DDIM script, softmax
+  output at 8 bit. The network output conv input stays unquantized (a shared-core policy default; Q-Diffusion
+  quantizes it; set quantize_output_input in the policy if needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bench.errors import UsageError
+from eda.registry import PTQMethod, Stage, register_method
+
+
+def qdiffusion_steps(n_steps: int, cali_st: int) -> list[int]:
+    """The step indices `get_train_samples` takes: range(0, S, S // cali_st) (may give more than cali_st when
+    S is not a multiple, as the official code does)."""
+    if cali_st < 1 or cali_st > n_steps:
+        raise UsageError(f"cali_st must be in 1..{n_steps} (the sampling steps), got {cali_st}")
+    return list(range(0, n_steps, n_steps // cali_st))
+
+
+@register_method("qdiffusion")
+@dataclass(frozen=True)
+class QDiffusion(PTQMethod):
+    """Uniform time-step calibration + BRECQ/AdaRound weight reconstruction + LSQ activation step learning."""
+
+    cali_st: int = 20
+    cali_n: int = 256
+    iters: int = 20000  # weight reconstruction per block/layer (--cali_iters)
+    iters_a: int = 5000  # activation step learning (--cali_iters_a)
+    batch_size: int = 32  # --cali_batch_size
+    lr_w: float = 1e-3  # Adam default on AdaRound alpha
+    lr_a: float = 4e-4  # --cali_lr
+    p: float = 2.4  # --cali_p, the activation stage's L_p loss
+    adaround_reg: float = 0.01
+    warmup: float = 0.2
+    w_symmetric: bool = False
+    a_symmetric: bool = True
+    first_last_8bit: bool = False
+    w_init: str = "minmax"
+    a_init: str = "minmax"
+    init_batch: int = 64  # activation ranges from the first quantized forward of 64 random samples (CIFAR)
+
+    def validate(self) -> None:
+        super().validate()
+        for k in ("cali_st", "cali_n", "iters", "iters_a", "batch_size"):
+            if getattr(self, k) < 1:
+                raise UsageError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+    def n_trajectories(self) -> int:
+        return self.cali_n
+
+    def select(self, model, trajectories, seed: int):
+        self.check_trajectories(trajectories, self.cali_n)
+        S = trajectories.xs.shape[0]
+        steps = qdiffusion_steps(S, self.cali_st)
+        st = torch.tensor(steps, dtype=torch.long).repeat_interleave(self.cali_n)
+        samples = torch.arange(self.cali_n).repeat(len(steps))
+        allocation = [self.cali_n if s in set(steps) else 0 for s in range(S)]
+        return trajectories.select_pairs(st, samples), allocation, {}
+
+    def stages(self, bits: str, seed: int) -> list[Stage]:
+        from eda.recon import ReconConfig
+
+        w = ReconConfig(iters=self.scaled(self.iters), batch_size=self.batch_size, lr_w=self.lr_w, lr_a=0.0,
+                        loss="mse", qdrop_prob=0.0, input_prob=0.0, adaround_reg=self.adaround_reg, b_range=(20, 2),
+                        warmup=self.warmup, learn_weights=True, learn_act_delta=False, asym=True, seed=seed)
+        a = ReconConfig(iters=self.scaled(self.iters_a), batch_size=self.batch_size, lr_w=0.0, lr_a=self.lr_a,
+                        loss="lp", p=self.p, qdrop_prob=0.0, input_prob=0.0, adaround_reg=None,
+                        learn_weights=False, learn_act_delta=True, asym=False, seed=seed)
+        return [Stage("weights", w, weights=True, acts=False), Stage("activations", a, weights=True, acts=True)]
