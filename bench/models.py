@@ -42,16 +42,39 @@ class DiffusionModel:
     guidance_scale: float = 1.0
     defaults: dict[str, Any] = field(default_factory=dict)  # per-task method defaults (e.g. TDAC lambda, r)
     source: str = ""  # where the weights came from
+    # Text-to-image models: the prompt of each sample, (n, seed) -> list[str], in the order `conditioning` encodes
+    # them (the CLIP score compares each image with its prompt).
+    prompts: Callable[[int, int], list[str]] | None = None
+
+    def unet_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None):
+        """The batch the UNet actually sees for (x_t, t, cond) -> (x, t, kwargs).
+
+        Keys of `cond` starting with `uncond_` are the unconditional counterparts of the other keys (classifier-free
+        guidance). With guidance_scale != 1 the batch is doubled to [uncond; cond] as in CompVis' samplers
+        (`torch.cat([unconditional_conditioning, c])`), so calibration and reconstruction should feed the UNet
+        through this function to see the same inputs as sampling; otherwise the uncond_ keys are dropped.
+        """
+        cond_kw, uncond_kw = split_guidance(cond)
+        cast = {k: (v.to(x.device, x.dtype) if v.is_floating_point() else v.to(x.device)) for k, v in cond_kw.items()}
+        if uncond_kw is None or self.guidance_scale == 1.0:
+            return x, t, cast
+        both = {k: torch.cat([uncond_kw[k].to(v.device, v.dtype), v]) for k, v in cast.items()}
+        return torch.cat([x, x]), torch.cat([t, t]), both
 
     def eps_fn(self, unet: torch.nn.Module | None = None, cond: dict[str, torch.Tensor] | None = None):
-        """The sampler's view of `unet` (default: this model's FP UNet): (x_t, t) -> predicted noise."""
+        """The sampler's view of `unet` (default: this model's FP UNet): (x_t, t) -> predicted noise, with
+        classifier-free guidance eps_u + s (eps_c - eps_u) when `cond` carries `uncond_*` keys (see unet_inputs)."""
         net = self.unet if unet is None else unet
 
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            kwargs = {k: v.to(x.device) for k, v in (cond or {}).items()}
-            out = net(x, t, **kwargs)
+            xin, tin, kwargs = self.unet_inputs(x, t, cond)
+            out = net(xin, tin, **kwargs)
             out = out.sample if hasattr(out, "sample") else out
-            return out[:, : x.shape[1]]  # learned-sigma UNets output 2C channels; the sampler uses eps only
+            out = out[:, : x.shape[1]]  # learned-sigma UNets output 2C channels; the sampler uses eps only
+            if xin.shape[0] != x.shape[0]:
+                e_u, e_c = out.chunk(2)
+                out = e_u + self.guidance_scale * (e_c - e_u)
+            return out
 
         return eps
 
@@ -74,6 +97,19 @@ class DiffusionModel:
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """Sampler output -> images in [-1, 1] (decodes latents for LDMs)."""
         return (self.decode(x0) if self.decode is not None else x0).clamp(-1, 1)
+
+
+UNCOND_PREFIX = "uncond_"
+
+
+def split_guidance(cond: dict[str, torch.Tensor] | None):
+    """Split a conditioning dict into (UNet kwargs, their unconditional counterparts or None)."""
+    cond = cond or {}
+    kw = {k: v for k, v in cond.items() if not k.startswith(UNCOND_PREFIX)}
+    un = {k[len(UNCOND_PREFIX):]: v for k, v in cond.items() if k.startswith(UNCOND_PREFIX)}
+    if un and set(un) != set(kw):
+        raise BenchError(f"conditioning keys {sorted(cond)} do not pair up: every uncond_<key> needs a <key>")
+    return kw, (un or None)
 
 
 _REGISTRY: dict[str, Callable[..., DiffusionModel]] = {}
@@ -167,3 +203,7 @@ def _digits_ddpm() -> DiffusionModel:
         raise BenchError(f"the embedded digits-ddpm checkpoint is missing from {DIGITS_DIR}; "
                          "restore it with `git checkout bench/assets` or retrain with `python -m bench.train digits`")
     return load_unet_dir(DIGITS_DIR, name="digits-ddpm")
+
+
+# The paper models (CIFAR-10 DDIM, LSUN LDMs, ImageNet LDM, Stable Diffusion) register themselves on import.
+from bench import zoo as _zoo  # noqa: E402,F401

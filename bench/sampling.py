@@ -24,26 +24,35 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """kind: 'ddim' (generalized steps; eta=1 is DDPM-like) or 'ddpm' (ancestral, posterior variance).
+    """kind: 'ddim' (generalized steps; eta=1 is DDPM-like), 'ddpm' (ancestral, posterior variance) or 'plms'
+    (CompVis' pseudo linear multi-step sampler, the Stable Diffusion v1 default; eta is ignored).
 
     Defaults are the CIFAR-10 setting of DDIM / Q-Diffusion / EDA-DM: `--timesteps 100 --eta 0 --skip_type quad`.
+    CompVis' DDIMSampler / PLMSSampler (the LDM and SD scripts) use `skip="uniform", offset=1,
+    set_alpha_to_one=False`: time steps range(0, T, T // steps) + 1 (e.g. 1..996 for 200 steps) and the last step
+    lands on alpha_bar_0 instead of 1 (`alphas_prev[0] = alphas_cumprod[0]` in `make_ddim_sampling_parameters`).
     """
 
     kind: str = "ddim"
     steps: int = 100
     eta: float = 0.0
     skip: str = "quad"
+    offset: int = 0  # added to every time step (CompVis `make_ddim_timesteps` adds 1)
+    set_alpha_to_one: bool = True  # alpha_bar before the first time step: 1 (DDIM repo) or alpha_bar_0 (CompVis)
 
     def __post_init__(self):
-        if self.kind not in ("ddim", "ddpm"):
-            raise UsageError(f"unknown sampler kind {self.kind!r}; expected 'ddim' or 'ddpm'")
+        if self.kind not in ("ddim", "ddpm", "plms"):
+            raise UsageError(f"unknown sampler kind {self.kind!r}; expected 'ddim', 'ddpm' or 'plms'")
         if self.skip not in ("quad", "uniform"):
             raise UsageError(f"unknown skip type {self.skip!r}; expected 'quad' or 'uniform'")
         if self.steps < 1:
             raise UsageError(f"sampler steps must be >= 1, got {self.steps}")
+        if self.offset < 0:
+            raise UsageError(f"sampler offset must be >= 0, got {self.offset}")
 
     def describe(self) -> str:
-        return f"{self.kind}{self.steps}-eta{self.eta:g}-{self.skip}"
+        s = f"{self.kind}{self.steps}-eta{self.eta:g}-{self.skip}"
+        return s + (f"+{self.offset}" if self.offset else "") + ("" if self.set_alpha_to_one else "-a0")
 
 
 @dataclass
@@ -65,17 +74,25 @@ def timesteps(cfg: SamplerConfig, num_train_timesteps: int = 1000) -> list[int]:
     """
     T, n = num_train_timesteps, cfg.steps
     if cfg.kind == "ddpm" and n >= T:
-        return list(range(T))
-    if cfg.skip == "uniform":
+        seq = list(range(T))
+    elif cfg.skip == "uniform":
         skip = max(T // n, 1)
-        return list(range(0, T, skip))[:n]
-    seq = np.linspace(0, np.sqrt(T * 0.8), n) ** 2
-    return [int(s) for s in seq]
+        seq = list(range(0, T, skip))[:n]
+    else:
+        seq = [int(s) for s in np.linspace(0, np.sqrt(T * 0.8), n) ** 2]
+    if cfg.offset:
+        seq = [t + cfg.offset for t in seq]
+        if seq[-1] >= T:
+            raise UsageError(f"sampler offset {cfg.offset} pushes time step {seq[-1]} past T-1 = {T - 1}")
+    return seq
 
 
-def _alpha(alphas_cumprod: torch.Tensor, t: int) -> float:
-    """alpha_bar at t, with alpha_bar(-1) = 1 (the DDIM repository pads beta with a leading 0)."""
-    return 1.0 if t < 0 else float(alphas_cumprod[t])
+def _alpha(alphas_cumprod: torch.Tensor, t: int, one_at_start: bool = True) -> float:
+    """alpha_bar at t, with alpha_bar(-1) = 1 (the DDIM repository pads beta with a leading 0), or alpha_bar_0
+    when `one_at_start` is False (CompVis samplers)."""
+    if t < 0:
+        return 1.0 if one_at_start else float(alphas_cumprod[0])
+    return float(alphas_cumprod[t])
 
 
 @torch.no_grad()
@@ -87,12 +104,16 @@ def sample_batch(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
     seq = timesteps(cfg, len(alphas_cumprod))
     seq_next = [-1] + seq[:-1]
     x = x_T
+    old_eps: list[torch.Tensor] = []  # PLMS history of model outputs, newest last
     for index, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         eps = eps_fn(x, t)
         for h in hooks:
             h(StepRecord(index, i, x, eps, offset))
-        at, at_next = _alpha(alphas_cumprod, i), _alpha(alphas_cumprod, j)
+        at, at_next = _alpha(alphas_cumprod, i), _alpha(alphas_cumprod, j, cfg.set_alpha_to_one)
+        if cfg.kind == "plms":
+            x = _plms_step(eps_fn, x, eps, old_eps, i, j, at, at_next)
+            continue
         x0 = (x - eps * (1 - at) ** 0.5) / at**0.5
         if cfg.kind == "ddim":
             # DDIM Eq. 12 with sigma from Eq. 16 (generalized_steps in the DDIM repository).
@@ -107,6 +128,31 @@ def sample_batch(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
             var = beta * (1 - at_next) / (1 - at)
             x = mean + (var**0.5 * _randn_like(x, generator) if j >= 0 else 0.0)
     return x
+
+
+def _ddim0(x: torch.Tensor, eps: torch.Tensor, at: float, at_next: float) -> torch.Tensor:
+    """Deterministic (eta = 0) DDIM step from alpha_bar `at` to `at_next`."""
+    x0 = (x - eps * (1 - at) ** 0.5) / at**0.5
+    return at_next**0.5 * x0 + (1 - at_next) ** 0.5 * eps
+
+
+def _plms_step(eps_fn: EpsFn, x: torch.Tensor, eps: torch.Tensor, old_eps: list[torch.Tensor], i: int, j: int,
+               at: float, at_next: float) -> torch.Tensor:
+    """One step of CompVis' PLMS (Liu et al. 2022, PNDM): Adams-Bashforth combinations of the last 4 eps, and a
+    pseudo improved-Euler (Heun) first step that costs one extra model call at the next time step."""
+    if not old_eps:
+        t_next = torch.full((x.shape[0],), j if j >= 0 else i, dtype=torch.long, device=x.device)
+        eps_next = eps_fn(_ddim0(x, eps, at, at_next), t_next)
+        eps_prime = (eps + eps_next) / 2
+    elif len(old_eps) == 1:
+        eps_prime = (3 * eps - old_eps[-1]) / 2
+    elif len(old_eps) == 2:
+        eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+    else:
+        eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+    old_eps.append(eps)
+    del old_eps[:-3]
+    return _ddim0(x, eps_prime, at, at_next)
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
