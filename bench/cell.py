@@ -1,0 +1,228 @@
+"""Run one cell: quantize the FP model with a method, sample from the cell's seed, evaluate, return a store row.
+
+The FP trajectories and FP samples come from the ArtifactCache (shared by every method and bit width of the model);
+the method is looked up by name in eda.registry, never imported directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import platform
+import resource
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from bench.artifacts import ArtifactCache, model_fingerprint
+from bench.grid import FP_METHOD, Cell
+from bench.sampling import SamplerConfig
+from bench.store import METRICS, empty_row
+
+EPS_MSE_SAMPLES = 8  # samples per step for the per-step noise-prediction error vs FP (cheap: one batched pass)
+SAMPLE_GRID = 16  # images per cell in the saved PNG sample grid
+
+
+def get_method(name: str):
+    from eda.registry import get_method as _get
+
+    return _get(name)
+
+
+def available_methods() -> list[str]:
+    try:
+        from eda.registry import available_methods as _avail
+    except ImportError:
+        return [FP_METHOD]
+    return list(_avail())
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("eda-bench", "torch", "diffusers", "ray", "numpy", "pyarrow", "clean-fid"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def with_sampler(model, sampler: dict | None):
+    """The model with the cell's sampler settings (a shallow copy; the UNet is shared)."""
+    if not sampler:
+        return model
+    return dataclasses.replace(model, sampler=SamplerConfig(**sampler))
+
+
+def calibration_union(model, requests: list[tuple[str, dict]]) -> tuple[int, list[str]]:
+    """One trajectory set that covers every method of the grid on this model: max count, union of feature modules."""
+    n, feats = 0, set()
+    for name, overrides in requests:
+        if name == FP_METHOD:
+            continue
+        k, modules = get_method(name).calibration_request(model, overrides)
+        n, feats = max(n, int(k)), feats | set(modules or ())
+    return n, sorted(feats)
+
+
+def shared_trajectories(model, fp: str, cell: Cell, cache: ArtifactCache, requests, device: str):
+    from eda.trajectories import record_trajectories
+
+    n, feats = calibration_union(model, requests)
+    spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(), "seed": cell.seed,
+            "n": n, "features": feats}
+    return cache.get("trajectories", spec, lambda: record_trajectories(
+        model, n, cell.seed, feature_modules=tuple(feats), batch_size=cell.batch_size, device=device))
+
+
+def fp_samples(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) -> dict:
+    spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(), "seed": cell.seed,
+            "n": cell.samples}
+
+    def compute():
+        t = time.time()
+        x0 = model.generate(cell.samples, seed=cell.seed, batch_size=cell.batch_size, device=device)
+        return {"x0": x0, "seconds": time.time() - t}
+
+    return cache.get("fp_samples", spec, compute)
+
+
+@torch.no_grad()
+def eps_mse_per_step(model, qunet, traj, batch_size: int, device: str, k: int = EPS_MSE_SAMPLES) -> list[float]:
+    """Mean squared difference of the quantized and FP noise predictions on the FP trajectory, per sampling step."""
+    xs, ts = traj.xs[:, :k].float(), traj.ts
+    S, n = xs.shape[:2]
+    flat_x = xs.reshape(S * n, *xs.shape[2:])
+    flat_t = ts.repeat_interleave(n)
+    cond = getattr(traj, "cond", None)
+    errs = []
+    for s in range(0, len(flat_x), batch_size):
+        x, t = flat_x[s:s + batch_size].to(device), flat_t[s:s + batch_size].to(device)
+        c = None if cond is None else {kk: v[:n].repeat(S, *[1] * (v.dim() - 1))[s:s + batch_size]
+                                       for kk, v in cond.items()}
+        e_fp = model.eps_fn(None, c)(x, t)
+        e_q = model.eps_fn(qunet, c)(x, t)
+        errs.append(((e_q - e_fp) ** 2).flatten(1).mean(1).cpu())
+    return torch.cat(errs).view(S, n).mean(1).tolist()
+
+
+def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
+    """The first n images (in [-1, 1]) as one PNG grid."""
+    from PIL import Image
+
+    from bench.data import to_uint8_rgb
+
+    x = to_uint8_rgb(images[:n].float())
+    cols = int(math.ceil(math.sqrt(len(x))))
+    rows = int(math.ceil(len(x) / cols))
+    _, c, h, w = x.shape
+    canvas = torch.full((c, rows * (h + 2) + 2, cols * (w + 2) + 2), 255, dtype=torch.uint8)
+    for i, img in enumerate(x):
+        r, q = divmod(i, cols)
+        canvas[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = img
+    buf = io.BytesIO()
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def peak_memory_mb(device: str) -> float:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+
+
+def base_row(cell: Cell, context: dict) -> dict:
+    row = empty_row()
+    row.update(grid=cell.grid, model=cell.model, method=cell.method, bits=cell.bits, w_bits=cell.w_bits,
+               a_bits=cell.a_bits, seed=cell.seed, samples=cell.samples, cell_key=cell.key,
+               overrides=json.dumps(cell.overrides, sort_keys=True), run_id=context.get("run_id"),
+               git_commit=context.get("git_commit"), host=platform.node(),
+               versions=json.dumps(package_versions(), sort_keys=True), attempts=1)
+    row["time"] = _now()
+    return row
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, dict]], context: dict,
+             device: str = "cpu", log: logging.Logger | None = None) -> tuple[dict, bytes | None]:
+    """Run one cell on a loaded FP model. Returns (row, PNG sample grid); exceptions propagate to the caller."""
+    log = log or logging.getLogger("bench.cell")
+    t0 = time.time()
+    model = with_sampler(model, cell.sampler)
+    row = base_row(cell, context)
+    row.update(dataset=model.dataset, sampler=model.sampler.describe(), steps=model.sampler.steps, device=str(device))
+    fp = model_fingerprint(model)
+    torch.manual_seed(cell.seed)
+
+    ref = fp_samples(model, fp, cell, cache, device)
+    fp_images = model.to_images(ref["x0"])
+    log.info("FP samples: %d from seed %d (%.1fs when computed)", cell.samples, cell.seed, ref["seconds"])
+    info: dict[str, Any] = {}
+    if cell.method == FP_METHOD:
+        images, qunet, traj = fp_images, None, None
+        row.update(quant_seconds=0.0, sampling_seconds=ref["seconds"], calib_size=0)
+    else:
+        traj = shared_trajectories(model, fp, cell, cache, requests, device)
+        log.info("trajectories: %s steps x %s samples", *tuple(traj.xs.shape[:2]))
+        t = time.time()
+        res = get_method(cell.method).quantize(model, cell.bits, traj, cell.seed, overrides=dict(cell.overrides),
+                                               progress=False)
+        info = dict(res.info or {})
+        qunet = res.unet
+        row["quant_seconds"] = float(info.get("quant_seconds") or time.time() - t)
+        log.info("quantized with %s %s in %.1fs", cell.method, cell.bits, row["quant_seconds"])
+        t = time.time()
+        x0 = model.generate(cell.samples, seed=cell.seed, unet=qunet, batch_size=cell.batch_size, device=device)
+        row["sampling_seconds"] = time.time() - t
+        images = model.to_images(x0)
+        row["calib_size"] = info.get("calib_size")
+        alloc = info.get("allocation")
+        row["allocation"] = None if alloc is None else [int(a) for a in alloc]
+        per_step = eps_mse_per_step(model, qunet, traj, cell.batch_size, device)
+        row["eps_mse_per_step"] = per_step
+        row["eps_mse"] = float(sum(per_step) / len(per_step))
+        log.info("noise-prediction MSE vs FP: %.4g", row["eps_mse"])
+    if cell.method == FP_METHOD:
+        row["eps_mse"] = 0.0
+    t = time.time()
+    if cell.metrics:
+        from bench.metrics import evaluate
+
+        scores = evaluate(images, model.dataset, metrics=tuple(cell.metrics), fp_images=fp_images, device=device)
+        for k, v in scores.items():
+            if k in METRICS:
+                row[k] = float(v)
+        log.info("metrics: %s", {k: round(float(v), 4) for k, v in scores.items()})
+    row["eval_seconds"] = time.time() - t
+    row["info"] = json.dumps({"config": info.get("config"), **{k: v for k, v in info.items() if k != "config"}},
+                             default=str, sort_keys=True)
+    row.update(status="ok", error="", total_seconds=time.time() - t0, peak_memory_mb=peak_memory_mb(device))
+    return row, sample_grid_png(images)
+
+
+def failed_row(cell: Cell, context: dict, error: str, attempts: int = 1, seconds: float = math.nan) -> dict:
+    row = base_row(cell, context)
+    row.update(status="failed", error=error, attempts=attempts, total_seconds=seconds)
+    return row
+
+
+def format_error(e: BaseException) -> str:
+    """One line for the store; the full traceback goes to the cell log."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:500]
+
+
+def format_traceback(e: BaseException) -> str:
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__))

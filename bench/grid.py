@@ -1,0 +1,223 @@
+"""Grid files -> cells. A grid is a TOML file under bench/grids/ (or any path): models x methods x bit widths x seeds,
+with sample counts, sampler settings and per-method overrides. A cell is one (model, method, bits, seed) run.
+
+Layout of a grid file (see bench/grids/smoke.toml for a commented example):
+
+    name = "smoke"
+    [defaults]            # apply to every [[model]] block unless the block says otherwise
+    methods = [...]; bits = ["W8A8", "W4A8"]; seeds = [0]; samples = 64; metrics = [...]; batch_size = 256
+    [set]                 # overrides passed to every method (e.g. iters_scale)
+    [method."eda-dm"]     # overrides for one method only (win over [set])
+    [[model]]             # one block per model; any key of [defaults] may be repeated here
+    name = "digits-ddpm"; sampler = { kind = "ddim", steps = 100, eta = 0.0, skip = "quad" }
+
+The FP method has no bit width: it expands to one cell per (model, seed) labelled "FP" (W32A32 in the store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bench.errors import UsageError
+
+GRIDS_DIR = Path(__file__).resolve().parent / "grids"
+FP_METHOD = "fp"
+FP_BITS = "FP"
+_BITS_RE = re.compile(r"^W(\d+)A(\d+)$")
+_DEFAULT_KEYS = {"methods", "bits", "seeds", "samples", "metrics", "sampler", "batch_size", "calib"}
+_TOP_KEYS = {"name", "description", "defaults", "set", "method", "model", "imports", "resources", "check"}
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """'W4A8' -> (4, 8); 'FP' -> (32, 32). Mirrors eda.policy.parse_bits (2..16 bits) so planning needs no torch."""
+    if bits == FP_BITS:
+        return 32, 32
+    m = _BITS_RE.match(str(bits).strip().upper())
+    if not m or not all(2 <= int(b) <= 16 for b in m.groups()):
+        raise UsageError(f"bad bit setting {bits!r}; expected WxAy with x, y in 2..16, e.g. W4A8")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: quantize `model` with `method` at `bits`, sample `samples` images from `seed`, evaluate."""
+
+    grid: str
+    model: str
+    method: str
+    bits: str
+    seed: int
+    samples: int
+    sampler: dict | None = None  # None = the model's official sampler (DiffusionModel.sampler)
+    metrics: tuple[str, ...] = ()
+    overrides: dict = field(default_factory=dict)
+    batch_size: int = 256
+
+    @property
+    def w_bits(self) -> int:
+        return parse_bits(self.bits)[0]
+
+    @property
+    def a_bits(self) -> int:
+        return parse_bits(self.bits)[1]
+
+    @property
+    def key(self) -> str:
+        """Content hash of everything that changes the result (not the grid name): resume and check match on it."""
+        d = asdict(self)
+        d.pop("grid")
+        d.pop("batch_size")  # sampling is batch-size independent for a seed (bench.sampling.sample)
+        blob = json.dumps(d, sort_keys=True, default=list)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        return f"{self.model}/{self.method}/{self.bits}/seed{self.seed}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cell":
+        d = dict(d)
+        d["metrics"] = tuple(d.get("metrics", ()))
+        return cls(**d)
+
+
+@dataclass
+class Grid:
+    """A parsed grid file. `cells()` expands it in file order: model, then method, then bits, then seed."""
+
+    name: str
+    description: str
+    models: list[dict]
+    overrides: dict  # [set]
+    method_overrides: dict  # [method."name"]
+    imports: list[str]
+    resources: dict
+    check: dict
+    path: str = ""
+    cli_overrides: dict = field(default_factory=dict)  # --set: wins over [set] and [method."..."]
+
+    def cells(self) -> list[Cell]:
+        out = []
+        for block in self.models:
+            for method in block["methods"]:
+                ovr = {**self.overrides, **self.method_overrides.get(method, {}), **self.cli_overrides}
+                bit_list = [FP_BITS] if method == FP_METHOD else block["bits"]
+                for bits in bit_list:
+                    for seed in block["seeds"]:
+                        out.append(Cell(grid=self.name, model=block["name"], method=method, bits=bits,
+                                        seed=int(seed), samples=int(block["samples"]), sampler=block.get("sampler"),
+                                        metrics=tuple(block["metrics"]), overrides=ovr,
+                                        batch_size=int(block["batch_size"])))
+        return out
+
+    def model_names(self) -> list[str]:
+        return [b["name"] for b in self.models]
+
+    def method_names(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for b in self.models:
+            seen.update(dict.fromkeys(b["methods"]))
+        return list(seen)
+
+
+def available_grids() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+
+
+def grid_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.is_file():
+        return p
+    cand = GRIDS_DIR / f"{name_or_path}.toml"
+    if cand.is_file():
+        return cand
+    raise UsageError(f"unknown grid {name_or_path!r}; expected one of {', '.join(available_grids())} "
+                     "or a path to a .toml grid file")
+
+
+def load_grid(name_or_path: str) -> Grid:
+    """Read and validate a grid file; bad keys or values raise a one-line UsageError naming the file."""
+    path = grid_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML ({e}); fix the grid file") from None
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise UsageError(f"{path}: unknown top-level keys {sorted(unknown)}; expected {sorted(_TOP_KEYS)}")
+    defaults = data.get("defaults", {})
+    _check_keys(path, "[defaults]", defaults)
+    blocks = data.get("model", [])
+    if not blocks:
+        raise UsageError(f"{path}: no [[model]] blocks; add at least one with name = \"...\"")
+    models = []
+    for b in blocks:
+        if "name" not in b:
+            raise UsageError(f"{path}: a [[model]] block has no name; add name = \"...\"")
+        _check_keys(path, f"[[model]] {b['name']}", {k: v for k, v in b.items() if k != "name"})
+        m = {"metrics": [], "batch_size": 256, "sampler": None, **defaults, **b}
+        for k in ("methods", "bits", "seeds", "samples"):
+            if k not in m:
+                raise UsageError(f"{path}: model {b['name']!r} has no {k!r}; set it in [defaults] or the block")
+        for bits in m["bits"]:
+            parse_bits(bits)
+        models.append(m)
+    return Grid(name=data.get("name", path.stem), description=data.get("description", ""), models=models,
+                overrides=data.get("set", {}), method_overrides=data.get("method", {}),
+                imports=list(data.get("imports", [])), resources=data.get("resources", {}),
+                check=data.get("check", {}), path=str(path))
+
+
+def _check_keys(path: Path, where: str, d: dict) -> None:
+    unknown = set(d) - _DEFAULT_KEYS
+    if unknown:
+        raise UsageError(f"{path}: {where} has unknown keys {sorted(unknown)}; expected some of {sorted(_DEFAULT_KEYS)}")
+
+
+def apply_overrides(grid: Grid, samples: int | None = None, seeds: list[int] | None = None,
+                    methods: list[str] | None = None, bits: list[str] | None = None,
+                    models: list[str] | None = None, sets: dict[str, Any] | None = None) -> Grid:
+    """Command-line overrides (--samples, --seeds, --methods, --bits, --models, --set) applied to every block."""
+    if models:
+        unknown = [m for m in models if m not in grid.model_names()]
+        if unknown:
+            raise UsageError(f"models {unknown} are not in grid {grid.name!r}; expected some of {grid.model_names()}")
+    for b in bits or []:
+        parse_bits(b)
+    blocks = []
+    for b in grid.models:
+        if models and b["name"] not in models:
+            continue
+        b = dict(b)
+        if samples is not None:
+            b["samples"] = samples
+        if seeds is not None:
+            b["seeds"] = seeds
+        if methods is not None:
+            b["methods"] = methods
+        if bits is not None:
+            b["bits"] = bits
+        blocks.append(b)
+    return replace(grid, models=blocks, cli_overrides={**grid.cli_overrides, **(sets or {})})
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """['iters_scale=0.1', 'loss=fbr'] -> {'iters_scale': 0.1, 'loss': 'fbr'} (values parsed as TOML when possible)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"bad --set {item!r}; expected key=value, e.g. --set iters_scale=0.1")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = tomllib.loads(f"v = {v}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[k.strip()] = v
+    return out

@@ -1,0 +1,44 @@
+"""Live progress of a grid: one tqdm bar of finished cells (ETA from tqdm's rate), with done / failed / running."""
+
+from __future__ import annotations
+
+import sys
+
+
+class GridProgress:
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.done = self.failed = self.running = 0
+        self.bar = tqdm(total=total, desc=desc, unit="cell", disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True, mininterval=0.5)
+        self._refresh()
+
+    def _refresh(self):
+        self.bar.set_postfix_str(f"done={self.done} failed={self.failed} running={self.running}", refresh=True)
+
+    def started(self):
+        self.running += 1
+        self._refresh()
+
+    def requeued(self):
+        self.running -= 1
+        self._refresh()
+
+    def finished(self, ok: bool, label: str = "", error: str = ""):
+        self.running = max(self.running - 1, 0)
+        if ok:
+            self.done += 1
+        else:
+            self.failed += 1
+            self.bar.write(f"failed: {label}: {error}", file=sys.stderr)
+        self.bar.update(1)
+        self._refresh()
+
+    def skipped(self, ok: bool, label: str = "", error: str = ""):
+        """A cell decided without running (fail-fast of an unavailable model)."""
+        self.running += 1
+        self.finished(ok, label, error)
+
+    def close(self):
+        self.bar.close()

@@ -1,0 +1,176 @@
+"""Results store: one Parquet file per finished cell in a hive-partitioned dataset runs/grid=/model=/method=/.
+
+Writes are atomic (ecosystem.md §2.1): a dotfile temp name in the partition directory, then `os.replace`; dataset
+discovery ignores '.'/'_' prefixes, so a half-written file is never read. Files are immutable; a rerun of a cell adds
+a file and readers keep the latest row per cell key. The schema is explicit and typed, and reads pass an explicit hive
+partitioning so partition keys come back as strings, not categoricals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from bench.errors import BenchError
+
+# Metrics of bench.metrics.evaluate plus the harness's own noise-prediction error; NaN when not computed.
+METRICS = ("fid", "sfid", "is", "kid", "precision", "recall", "digits_fid", "digits_coverage", "digits_confidence",
+           "fid_vs_fp", "clip", "eps_mse")
+PARTITIONS = ("grid", "model", "method")
+PARTITION_SCHEMA = pa.schema([(k, pa.string()) for k in PARTITIONS])
+
+FILE_SCHEMA = pa.schema(
+    [
+        ("cell_key", pa.string()),
+        ("run_id", pa.string()),
+        ("git_commit", pa.string()),
+        ("time", pa.timestamp("us", tz="UTC")),
+        ("dataset", pa.string()),
+        ("sampler", pa.string()),
+        ("steps", pa.int32()),
+        ("bits", pa.string()),
+        ("w_bits", pa.int32()),
+        ("a_bits", pa.int32()),
+        ("seed", pa.int32()),
+        ("samples", pa.int32()),
+        ("calib_size", pa.int32()),
+        *[(m, pa.float64()) for m in METRICS],
+        ("eps_mse_per_step", pa.list_(pa.float64())),
+        ("allocation", pa.list_(pa.int64())),
+        ("quant_seconds", pa.float64()),
+        ("sampling_seconds", pa.float64()),
+        ("eval_seconds", pa.float64()),
+        ("total_seconds", pa.float64()),
+        ("peak_memory_mb", pa.float64()),
+        ("device", pa.string()),
+        ("host", pa.string()),
+        ("versions", pa.string()),  # JSON {package: version}
+        ("status", pa.string()),  # "ok" | "failed"
+        ("error", pa.string()),
+        ("attempts", pa.int32()),
+        ("overrides", pa.string()),  # JSON of the cell's method overrides
+        ("info", pa.string()),  # JSON of the method's resolved config (QuantResult.info["config"])
+        ("sample_grid", pa.string()),  # path of the PNG sample grid, relative to the store root
+    ]
+)
+SCHEMA = pa.schema(list(PARTITION_SCHEMA) + list(FILE_SCHEMA))
+
+
+def runs_dir(out: str | os.PathLike) -> Path:
+    return Path(out) / "runs"
+
+
+def partition_dir(root: str | os.PathLike, grid: str, model: str, method: str) -> Path:
+    """Hive directory for a cell; values are URI-encoded (':' in 'eda-dm:tdac-only'), which hive reads decode."""
+    parts = [f"{k}={quote(str(v), safe='')}" for k, v in zip(PARTITIONS, (grid, model, method))]
+    return Path(root).joinpath(*parts)
+
+
+def empty_row() -> dict:
+    """A row with every column present: NaN metrics, None elsewhere."""
+    row = {f.name: None for f in SCHEMA}
+    row.update({m: math.nan for m in METRICS})
+    return row
+
+
+def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    cols = {}
+    for f in schema:
+        vals = [r.get(f.name) for r in rows]
+        if pa.types.is_floating(f.type):
+            vals = [math.nan if v is None else float(v) for v in vals]
+        cols[f.name] = pa.array(vals, type=f.type)
+    return pa.table(cols, schema=schema)
+
+
+def write_row(root: str | os.PathLike, row: dict) -> Path:
+    """Write one result row as its own Parquet file, atomically. Returns the final path."""
+    missing = [k for k in PARTITIONS if not row.get(k)]
+    if missing:
+        raise BenchError(f"result row lacks partition keys {missing}; this is a harness bug")
+    d = partition_dir(root, row["grid"], row["model"], row["method"])
+    d.mkdir(parents=True, exist_ok=True)
+    table = _table([row], FILE_SCHEMA)
+    tmp = d / f".tmp-{uuid.uuid4().hex}.parquet"
+    final = d / f"{row['cell_key']}-{uuid.uuid4().hex[:8]}.parquet"
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
+
+
+def read_runs(root: str | os.PathLike, grid: str | None = None, latest: bool = True) -> pd.DataFrame:
+    """All rows under a runs/ root (optionally of one grid), with stable dtypes; latest row per (grid, cell key)."""
+    root = Path(root)
+    if not root.is_dir():
+        return empty_frame()
+    dataset = ds.dataset(root, schema=SCHEMA, format="parquet",
+                         partitioning=ds.partitioning(PARTITION_SCHEMA, flavor="hive"),
+                         exclude_invalid_files=False)
+    flt = ds.field("grid") == grid if grid else None
+    table = dataset.to_table(filter=flt)
+    return _finish(table.to_pandas(), latest)
+
+
+def read_file(path: str | os.PathLike, latest: bool = True) -> pd.DataFrame:
+    """A flat Parquet file (a committed reference), cast to the store schema."""
+    p = Path(path)
+    if not p.is_file():
+        raise BenchError(f"no results file at {p}; expected a Parquet file written by `python -m bench.check --update`")
+    table = pq.read_table(p)
+    missing = [f.name for f in SCHEMA if f.name not in table.column_names]
+    for name in missing:
+        table = table.append_column(name, pa.nulls(len(table), SCHEMA.field(name).type))
+    table = table.select(SCHEMA.names).cast(SCHEMA)
+    return _finish(table.to_pandas(), latest)
+
+
+def write_file(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write rows as one flat Parquet file (the committed reference), atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    rows = df.to_dict("records")
+    for r in rows:
+        for k in ("eps_mse_per_step", "allocation"):
+            v = r.get(k)
+            r[k] = None if v is None else list(v)
+        t = r.get("time")
+        r["time"] = None if t is None or pd.isna(t) else pd.Timestamp(t).to_pydatetime()
+    tmp = p.parent / f".tmp-{uuid.uuid4().hex}.parquet"
+    pq.write_table(_table(rows, SCHEMA), tmp)
+    os.replace(tmp, p)
+    return p
+
+
+def empty_frame() -> pd.DataFrame:
+    return SCHEMA.empty_table().to_pandas()
+
+
+def _finish(df: pd.DataFrame, latest: bool) -> pd.DataFrame:
+    if latest and len(df):
+        df = df.sort_values("time").drop_duplicates(["grid", "cell_key"], keep="last")
+    return df.reset_index(drop=True)
+
+
+def done_keys(root: str | os.PathLike, grid: str) -> set[str]:
+    """Cell keys of a grid whose latest row succeeded: what resume skips (failed cells are retried)."""
+    df = read_runs(root, grid)
+    return set(df.loc[df["status"] == "ok", "cell_key"])
+
+
+def loads(s: str | None) -> dict:
+    return json.loads(s) if s else {}

@@ -1,0 +1,255 @@
+"""Ray execution: one `CellWorker` actor per GPU (or GPU fraction) or per CPU slot, each holding one loaded FP
+model, fed by a driver loop that prefers giving an actor cells of the model it already holds.
+
+Fault tolerance (ecosystem.md §2): the actor restarts itself after a crash (max_restarts); calls are never retried
+by Ray (max_task_retries=0) because the call that killed an actor usually kills it again, so the driver re-queues the
+cell itself, at most `retries` times, then records it as failed. A cell that raises inside the actor is caught there
+and returned as a failed row. The driver is the only writer of the store (one Parquet file per cell, as results
+arrive), so a crash loses at most the cells in flight, and workers on other nodes need no shared filesystem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from bench.grid import Cell
+
+MAX_RESTARTS = 3  # per actor; after that the driver replaces the actor (bounded by MAX_REPLACEMENTS)
+MAX_REPLACEMENTS = 4
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0)
+class CellWorker:
+    """Holds one FP model (loaded on first use) and runs cells of it."""
+
+    def __init__(self, threads: int, imports: list[str], cache_root: str):
+        import torch
+
+        # Ray sets OMP_NUM_THREADS to num_cpus but a reused worker may keep 1 thread: set it explicitly (§2).
+        torch.set_num_threads(max(int(threads), 1))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        for mod in imports:
+            importlib.import_module(mod)
+        from bench.artifacts import ArtifactCache
+
+        self.cache = ArtifactCache(cache_root)
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.model_name, self.model = None, None
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def run(self, cell_dict: dict, requests: list, context: dict) -> dict:
+        from bench.cell import failed_row, format_error, format_traceback, run_cell
+
+        cell = Cell.from_dict(cell_dict)
+        buf = io.StringIO()
+        log = logging.getLogger(f"bench.cell.{os.getpid()}")
+        log.handlers[:] = [logging.StreamHandler(buf)]
+        log.handlers[0].setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        log.info("cell %s (%s) on pid %d, device %s", cell.label(), cell.key, os.getpid(), self.device)
+        t0, load_error, png = time.time(), False, None
+        try:
+            if self.model_name != cell.model:
+                load_error = True
+                self._load(cell.model)
+                load_error = False
+            row, png = run_cell(self.model, cell, self.cache, [tuple(r) for r in requests], context,
+                                device=self.device, log=log)
+        except Exception as e:  # noqa: BLE001 - any failure of one cell is recorded and the grid goes on
+            log.error("%s", format_traceback(e))
+            row = failed_row(cell, context, format_error(e), seconds=time.time() - t0)
+        log.info("status %s in %.1fs; cache hits %s", row["status"], time.time() - t0, self.cache.hits)
+        return {"row": row, "png": png, "log": buf.getvalue(), "load_error": load_error}
+
+    def _load(self, name: str):
+        import torch
+
+        from bench.models import load_model
+
+        self.model = None
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        self.model = load_model(name, device=self.device)
+        self.model_name = name
+
+
+@dataclass
+class Slot:
+    actor: object
+    model: str | None = None
+    busy: bool = False
+    replacements: int = 0
+
+
+@dataclass
+class Pending:
+    by_model: dict[str, deque] = field(default_factory=dict)
+
+    def push(self, cell: Cell, front: bool = False):
+        q = self.by_model.setdefault(cell.model, deque())
+        q.appendleft(cell) if front else q.append(cell)
+
+    def take(self, held: str | None, held_by_others: set[str]) -> Cell | None:
+        """Prefer the model this actor holds; else a model nobody holds (most cells first); else any."""
+        live = {m: q for m, q in self.by_model.items() if q}
+        if not live:
+            return None
+        if held in live:
+            return live[held].popleft()
+        free = [m for m in live if m not in held_by_others] or list(live)
+        m = max(free, key=lambda k: len(live[k]))
+        return live[m].popleft()
+
+    def drain(self, model: str) -> list[Cell]:
+        q = self.by_model.get(model, deque())
+        out = list(q)
+        q.clear()
+        return out
+
+    def __len__(self):
+        return sum(len(q) for q in self.by_model.values())
+
+
+def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_workers: int, cpus_per_worker: float,
+            gpus_per_worker: float, imports: list[str], cache_root: str, retries: int = 1, progress=None) -> dict:
+    """Run cells on Ray actors; `on_result(cell, result_dict, attempts)` is called as each cell finishes.
+
+    `requests[(model, sampler_json, seed)]` lists the (method, overrides) of every cell of the grid on that model, so
+    the shared trajectories cover all methods. Returns counts {"ok", "failed", "crashes", "replaced"}.
+    """
+    from bench.cell import failed_row
+
+    pending = Pending()
+    for c in cells:
+        pending.push(c)
+    threads = max(int(cpus_per_worker), 1)
+
+    def new_actor():
+        return CellWorker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker).remote(
+            threads, imports, cache_root)
+
+    slots = [Slot(new_actor()) for _ in range(max(min(num_workers, len(cells)), 1))] if cells else []
+    inflight: dict = {}  # ref -> (slot, cell or None for a ping)
+    attempts: dict[str, int] = {}
+    stats = {"ok": 0, "failed": 0, "crashes": 0, "replaced": 0}
+
+    def finish(cell, result, n_attempts):
+        ok = result["row"]["status"] == "ok"
+        stats["ok" if ok else "failed"] += 1
+        on_result(cell, result, n_attempts)
+        if progress:
+            progress.finished(ok, cell.label(), result["row"]["error"])
+
+    def fail_without_running(cell, error, n_attempts):
+        finish(cell, {"row": failed_row(cell, context, error, attempts=n_attempts), "png": None,
+                      "log": error + "\n", "load_error": False}, n_attempts)
+
+    while len(pending) or inflight:
+        held_by = {s.model for s in slots if s.model}
+        for slot in slots:
+            if slot.busy:
+                continue
+            cell = pending.take(slot.model, held_by - {slot.model})
+            if cell is None:
+                break
+            key = (cell.model, _sampler_key(cell.sampler), cell.seed)
+            ref = slot.actor.run.remote(cell.to_dict(), requests.get(key, []), context)
+            inflight[ref] = (slot, cell)
+            slot.busy, slot.model = True, cell.model
+            held_by.add(cell.model)
+            if progress:
+                progress.started()
+        if not inflight:
+            continue
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        if progress:
+            progress.bar.refresh()
+        for ref in ready:
+            slot, cell = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                _on_crash(slot, e, stats, new_actor)
+                if cell is None:  # a ping after a restart: the actor is not back yet, ask again
+                    inflight[slot.actor.ping.remote()] = (slot, None)
+                    slot.busy = True
+                    continue
+                attempts[cell.key] = attempts.get(cell.key, 1) + 1
+                if progress:
+                    progress.requeued()
+                if attempts[cell.key] > retries + 1:
+                    if progress:
+                        progress.started()
+                    fail_without_running(cell, f"worker crashed {attempts[cell.key] - 1} times running this cell "
+                                               f"({type(e).__name__}); see the Ray worker logs", attempts[cell.key] - 1)
+                else:
+                    pending.push(cell, front=True)
+                # wait for the restarted (or replaced) actor before giving it work
+                inflight[slot.actor.ping.remote()] = (slot, None)
+                slot.busy = True
+                continue
+            slot.busy = False
+            if cell is None:
+                continue
+            finish(cell, result, attempts.get(cell.key, 1))
+            if result.get("load_error"):
+                # the model cannot be loaded here (offline, missing weights): fail its other cells now, not one by one
+                slot.model = None
+                for other in pending.drain(cell.model):
+                    if progress:
+                        progress.started()
+                    fail_without_running(other, result["row"]["error"], 0)
+    for slot in slots:
+        ray.kill(slot.actor)
+    return stats
+
+
+def _on_crash(slot: Slot, e: Exception, stats: dict, new_actor):
+    """An actor died mid-call. Ray restarts it (max_restarts); once restarts run out, replace it (bounded)."""
+    stats["crashes"] += 1
+    slot.model = None
+    if isinstance(e, ray.exceptions.ActorDiedError) and not isinstance(e, ray.exceptions.ActorUnavailableError):
+        if slot.replacements >= MAX_REPLACEMENTS:
+            raise RuntimeError(f"a Ray worker died {MAX_REPLACEMENTS} times over; giving up ({e})") from None
+        slot.actor = new_actor()
+        slot.replacements += 1
+        stats["replaced"] += 1
+
+
+def _sampler_key(sampler) -> str:
+    import json
+
+    return json.dumps(sampler, sort_keys=True)
+
+
+def write_result(out: Path, cell: Cell, result: dict, attempts: int) -> Path:
+    """Store one finished cell: its Parquet row, its PNG sample grid and its log (the driver is the only writer)."""
+    from bench.store import partition_dir, runs_dir, write_row
+
+    root = runs_dir(out)
+    row = dict(result["row"])
+    row["attempts"] = attempts
+    if result.get("png"):
+        d = partition_dir(root, cell.grid, cell.model, cell.method) / "_samples"
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{cell.bits}-seed{cell.seed}-{cell.key}.png"
+        tmp = d / f".tmp-{p.name}"
+        tmp.write_bytes(result["png"])
+        os.replace(tmp, p)
+        row["sample_grid"] = str(p.relative_to(root))
+    logd = Path(out) / "logs" / cell.grid / cell.model / cell.method.replace(":", "_")
+    logd.mkdir(parents=True, exist_ok=True)
+    (logd / f"{cell.bits}-seed{cell.seed}-{cell.key}.log").write_text(result.get("log", ""))
+    return write_row(root, row)
