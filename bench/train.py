@@ -45,7 +45,7 @@ def digits_unet(size: int = DEFAULT_SIZE):
 
 @dataclass
 class DigitsTrainConfig:
-    steps: int = 6000
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 4e-4
     warmup: int = 200
