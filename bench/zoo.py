@@ -43,14 +43,14 @@ _COMPVIS = dict(skip="uniform", offset=1, set_alpha_to_one=False)
 
 
 def _eda(lam: float, radius: float, gamma: float, iters: int, batch: int, lrs: dict[str, tuple[float, float]],
-         n_samples: int = 1024, init_batch: int = 32) -> dict[str, Any]:
-    """`DiffusionModel.defaults` in the layout eda.registry reads: flat knobs apply to every method that has them,
-    the "eda-dm" block to EDA-DM only, its bit-width blocks at that width only (eda-dm.md §1 table, §2)."""
-    return {
-        "radius": radius, "lam": lam, "gamma": gamma, "init_batch": init_batch,
-        "eda-dm": {"n_samples": n_samples, "iters": iters, "batch_size": batch,
-                   **{b: {"lr_w": w, "lr_a": a} for b, (w, a) in lrs.items()}},
-    }
+         n_samples: int = 1024, tdac_batch: int | None = None, init_batch: int = 32) -> dict[str, Any]:
+    """`DiffusionModel.defaults` in the layout eda.registry reads: the "eda-dm" block applies to EDA-DM (and its
+    ablations), its bit-width blocks at that width only (eda-dm.md §1 table and §2: lamda, dense_r, add_loss,
+    iters, batch, lr_w / lr_a; TDAC uses the features of the first batch_samples trajectories; activation-range
+    init batch 256 CIFAR, 32 LSUN / ImageNet, 2 SD)."""
+    return {"eda-dm": {"lam": lam, "radius": radius, "gamma": gamma, "iters": iters, "batch_size": batch,
+                       "n_samples": n_samples, "tdac_batch": tdac_batch, "init_batch": init_batch,
+                       **{b: {"lr_w": w, "lr_a": a} for b, (w, a) in lrs.items()}}}
 
 
 @dataclass(frozen=True)
@@ -85,25 +85,27 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
         "lsun-bedroom-ldm4", "latent", ("scaled_linear", 0.0015, 0.0195), SamplerConfig("ddim", 200, 1.0, **_COMPVIS),
         "lsun-bedroom", f"LSUN-Bedroom images in ${ENV_DATA}/lsun_bedroom",
         ckpt_url="https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip",
-        defaults=_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-4, 1e-4), "W4A8": (1e-2, 5e-3)})),
+        defaults=_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-4, 1e-4), "W4A8": (1e-2, 5e-3)}, tdac_batch=64)),
     ZooEntry(
         "lsun-church-ldm8", "latent", ("scaled_linear", 0.0015, 0.0155), SamplerConfig("ddim", 500, 0.0, **_COMPVIS),
         "lsun-church", f"LSUN-Church images in ${ENV_DATA}/lsun_church",
         ckpt_url="https://ommer-lab.com/files/latent-diffusion/lsun_churches.zip",
         samplers={"qdiffusion": SamplerConfig("ddim", 400, 0.0, **_COMPVIS)},  # Q-Diffusion README: -c 400
-        defaults=_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-2, 1e-4), "W4A8": (5e-2, 1e-4)})),
+        defaults=_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-2, 1e-4), "W4A8": (5e-2, 1e-4)}, tdac_batch=64)),
     ZooEntry(
         "imagenet-ldm4", "class", ("scaled_linear", 0.0015, 0.0195), SamplerConfig("ddim", 20, 0.0, **_COMPVIS),
         "imagenet", f"ImageNet images in ${ENV_DATA}/imagenet (50 generated images per class)",
         ckpt_url="https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt", guidance_scale=3.0,
-        defaults=_eda(1.2, 3.0, 0.8, 1000, 32, {"W8A8": (1e-4, 1e-3), "W4A8": (5e-1, 1e-4)})),
+        defaults=_eda(1.2, 3.0, 0.8, 1000, 32, {"W8A8": (1e-4, 1e-3), "W4A8": (5e-1, 1e-4)}, tdac_batch=64)),
     ZooEntry(
         "sd-v1-4", "text", ("scaled_linear", 0.00085, 0.012), SamplerConfig("plms", 50, 0.0, **_COMPVIS),
         "coco-val2014", f"MS-COCO val2014 captions (${ENV_CAPTIONS}) and images; CLIP score (ViT-L/14)",
         hub_id="CompVis/stable-diffusion-v1-4", guidance_scale=7.5, n_eval=10_000, metrics=("fid", "clip"),
-        # softmax output at 16 bits for SD in Q-Diffusion and EDA-DM (--sm_abit 16)
+        # softmax output at 16 bits for SD in Q-Diffusion and EDA-DM (--sm_abit 16); Q-Diffusion's SD calibration:
+        # --cali_st 25 --cali_n 128 --cali_batch_size 8 (baselines.md §1.9)
         defaults={**_eda(5.0, 0.3, 0.8, 1000, 2, {"W8A8": (5e-4, 1e-4), "W4A8": (3e-2, 1e-4)}, n_samples=256,
-                         init_batch=2), "softmax_bits": 16},
+                         tdac_batch=8, init_batch=2), "softmax_bits": 16,
+                  "qdiffusion": {"cali_st": 25, "cali_n": 128, "batch_size": 8}},
         note="EDA-DM evaluates 10k images; generated images are center-cropped and resized to 300x300 first"),
 ]}
 
