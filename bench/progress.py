@@ -10,12 +10,19 @@ class GridProgress:
         from tqdm.auto import tqdm
 
         self.done = self.failed = self.running = 0
+        tty = sys.stderr.isatty()
+        # in a CI log (no terminal) print a line every 30 s instead of redrawing twice a second
         self.bar = tqdm(total=total, desc=desc, unit="cell", disable=not enabled, file=sys.stderr,
-                        dynamic_ncols=True, mininterval=0.5)
+                        dynamic_ncols=True, mininterval=0.5 if tty else 30.0)
         self._refresh()
 
     def _refresh(self):
-        self.bar.set_postfix_str(f"done={self.done} failed={self.failed} running={self.running}", refresh=True)
+        self.bar.set_postfix_str(f"done={self.done} failed={self.failed} running={self.running}", refresh=False)
+        self.bar.update(0)  # redraws at most every mininterval
+
+    def tick(self):
+        """Keep the elapsed time and ETA moving while cells run."""
+        self.bar.update(0)
 
     def started(self):
         self.running += 1

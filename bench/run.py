@@ -276,7 +276,8 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
             stats = execute(runnable, calibration_requests(cells), context, on_result,
                             num_workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
                             gpus_per_worker=res["gpus_per_worker"], imports=grid.imports + args.imports,
-                            cache_root=str(cache_root(out)), retries=args.retries, progress=progress)
+                            cache_root=str(cache_root(out)), retries=args.retries, progress=progress,
+                            keep_actors=not started)
     finally:
         progress.close()
         if started:

@@ -123,7 +123,7 @@ def read_runs(root: str | os.PathLike, grid: str | None = None, latest: bool = T
                          exclude_invalid_files=False)
     flt = ds.field("grid") == grid if grid else None
     table = dataset.to_table(filter=flt)
-    return _finish(table.to_pandas(), latest)
+    return _finish(table.to_pandas(types_mapper=_types), latest)
 
 
 def read_file(path: str | os.PathLike, latest: bool = True) -> pd.DataFrame:
@@ -136,28 +136,26 @@ def read_file(path: str | os.PathLike, latest: bool = True) -> pd.DataFrame:
     for name in missing:
         table = table.append_column(name, pa.nulls(len(table), SCHEMA.field(name).type))
     table = table.select(SCHEMA.names).cast(SCHEMA)
-    return _finish(table.to_pandas(), latest)
+    return _finish(table.to_pandas(types_mapper=_types), latest)
 
 
 def write_file(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write rows as one flat Parquet file (the committed reference), atomically."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    rows = df.to_dict("records")
-    for r in rows:
-        for k in ("eps_mse_per_step", "allocation"):
-            v = r.get(k)
-            r[k] = None if v is None else list(v)
-        t = r.get("time")
-        r["time"] = None if t is None or pd.isna(t) else pd.Timestamp(t).to_pydatetime()
     tmp = p.parent / f".tmp-{uuid.uuid4().hex}.parquet"
-    pq.write_table(_table(rows, SCHEMA), tmp)
+    pq.write_table(pa.Table.from_pandas(df[SCHEMA.names], schema=SCHEMA, preserve_index=False), tmp)
     os.replace(tmp, p)
     return p
 
 
 def empty_frame() -> pd.DataFrame:
-    return SCHEMA.empty_table().to_pandas()
+    return SCHEMA.empty_table().to_pandas(types_mapper=_types)
+
+
+def _types(t: pa.DataType):
+    """Nullable pandas dtypes for integer columns, so a missing value never turns int32 into float64."""
+    return {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get(t)
 
 
 def _finish(df: pd.DataFrame, latest: bool) -> pd.DataFrame:

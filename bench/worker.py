@@ -31,7 +31,7 @@ MAX_REPLACEMENTS = 4
 class CellWorker:
     """Holds one FP model (loaded on first use) and runs cells of it."""
 
-    def __init__(self, threads: int, imports: list[str], cache_root: str):
+    def __init__(self, threads: int, imports: list[str]):
         import torch
 
         # Ray sets OMP_NUM_THREADS to num_cpus but a reused worker may keep 1 thread: set it explicitly (§2).
@@ -39,17 +39,19 @@ class CellWorker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         for mod in imports:
             importlib.import_module(mod)
-        from bench.artifacts import ArtifactCache
-
-        self.cache = ArtifactCache(cache_root)
+        self.cache = None
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.model_name, self.model = None, None
 
     def ping(self) -> int:
         return os.getpid()
 
-    def run(self, cell_dict: dict, requests: list, context: dict) -> dict:
+    def run(self, cell_dict: dict, requests: list, context: dict, cache_root: str) -> dict:
+        from bench.artifacts import ArtifactCache
         from bench.cell import failed_row, format_error, format_traceback, run_cell
+
+        if self.cache is None or str(self.cache.root) != str(cache_root):
+            self.cache = ArtifactCache(cache_root)
 
         cell = Cell.from_dict(cell_dict)
         buf = io.StringIO()
@@ -122,8 +124,24 @@ class Pending:
         return sum(len(q) for q in self.by_model.values())
 
 
+_KEPT: dict = {}  # actors kept alive between execute() calls of one driver (keep_actors=True), by their options
+
+
+def _actors(n: int, key: tuple, new_actor) -> list[Slot]:
+    """n idle actors: reuse the kept ones if they were made with the same options, else start new ones."""
+    kept = _KEPT.pop(key, [])
+    for other in _KEPT.values():  # actors with other options would hold the CPUs/GPUs these need
+        for slot in other:
+            ray.kill(slot.actor)
+    _KEPT.clear()
+    for slot in kept[n:]:
+        ray.kill(slot.actor)
+    return kept[:n] + [Slot(new_actor()) for _ in range(n - len(kept[:n]))]
+
+
 def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_workers: int, cpus_per_worker: float,
-            gpus_per_worker: float, imports: list[str], cache_root: str, retries: int = 1, progress=None) -> dict:
+            gpus_per_worker: float, imports: list[str], cache_root: str, retries: int = 1, progress=None,
+            keep_actors: bool = False) -> dict:
     """Run cells on Ray actors; `on_result(cell, result_dict, attempts)` is called as each cell finishes.
 
     `requests[(model, sampler_json, seed)]` lists the (method, overrides) of every cell of the grid on that model, so
@@ -137,10 +155,10 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
     threads = max(int(cpus_per_worker), 1)
 
     def new_actor():
-        return CellWorker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker).remote(
-            threads, imports, cache_root)
+        return CellWorker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker).remote(threads, imports)
 
-    slots = [Slot(new_actor()) for _ in range(max(min(num_workers, len(cells)), 1))] if cells else []
+    akey = (ray.get_runtime_context().get_job_id(), cpus_per_worker, gpus_per_worker, tuple(imports))
+    slots = _actors(max(min(num_workers, len(cells)), 1), akey, new_actor) if cells else []
     inflight: dict = {}  # ref -> (slot, cell or None for a ping)
     attempts: dict[str, int] = {}
     stats = {"ok": 0, "failed": 0, "crashes": 0, "replaced": 0}
@@ -156,6 +174,21 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
         finish(cell, {"row": failed_row(cell, context, error, attempts=n_attempts), "png": None,
                       "log": error + "\n", "load_error": False}, n_attempts)
 
+    try:
+        _loop(pending, slots, inflight, attempts, stats, requests, context, cache_root, retries, progress, new_actor,
+              finish, fail_without_running)
+    finally:
+        if keep_actors and not inflight:  # the caller owns the cluster (tests, notebooks): reuse warm actors
+            _KEPT[akey] = slots
+        else:
+            for slot in slots:
+                ray.kill(slot.actor)
+    return stats
+
+
+def _loop(pending, slots, inflight, attempts, stats, requests, context, cache_root, retries, progress, new_actor,
+          finish, fail_without_running):
+    """The driver loop: give idle actors work, collect results as they arrive, re-queue cells of crashed actors."""
     while len(pending) or inflight:
         held_by = {s.model for s in slots if s.model}
         for slot in slots:
@@ -164,8 +197,8 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
             cell = pending.take(slot.model, held_by - {slot.model})
             if cell is None:
                 break
-            key = (cell.model, _sampler_key(cell.sampler), cell.seed)
-            ref = slot.actor.run.remote(cell.to_dict(), requests.get(key, []), context)
+            rkey = (cell.model, _sampler_key(cell.sampler), cell.seed)
+            ref = slot.actor.run.remote(cell.to_dict(), requests.get(rkey, []), context, cache_root)
             inflight[ref] = (slot, cell)
             slot.busy, slot.model = True, cell.model
             held_by.add(cell.model)
@@ -175,13 +208,13 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
             continue
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
         if progress:
-            progress.bar.refresh()
+            progress.tick()
         for ref in ready:
             slot, cell = inflight.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                _on_crash(slot, e, stats, new_actor)
+                _on_crash(slot, e, stats, new_actor, counted=cell is not None)
                 if cell is None:  # a ping after a restart: the actor is not back yet, ask again
                     inflight[slot.actor.ping.remote()] = (slot, None)
                     slot.busy = True
@@ -211,14 +244,11 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
                     if progress:
                         progress.started()
                     fail_without_running(other, result["row"]["error"], 0)
-    for slot in slots:
-        ray.kill(slot.actor)
-    return stats
 
 
-def _on_crash(slot: Slot, e: Exception, stats: dict, new_actor):
+def _on_crash(slot: Slot, e: Exception, stats: dict, new_actor, counted: bool = True):
     """An actor died mid-call. Ray restarts it (max_restarts); once restarts run out, replace it (bounded)."""
-    stats["crashes"] += 1
+    stats["crashes"] += int(counted)
     slot.model = None
     if isinstance(e, ray.exceptions.ActorDiedError) and not isinstance(e, ray.exceptions.ActorUnavailableError):
         if slot.replacements >= MAX_REPLACEMENTS:

@@ -1,0 +1,94 @@
+"""Test plugin for the harness (`--import tests.harness_plugin`): a tiny random UNet model and fake methods.
+
+Imported in the driver and in every Ray worker, so it must not depend on pytest fixtures.
+  test-tiny   a 1x8x8 UNet2DModel with seeded random weights, DDIM 4 steps (seconds per cell on CPU)
+  test-ok     "quantizes" by adding seeded noise of size `noise` to every weight (bits change the noise)
+  test-raise  raises ValueError (a cell that raises is recorded as failed)
+  test-crash  kills its worker with os._exit once per `marker` file (then behaves like test-ok)
+  test-abort  kills its worker with os._exit every time
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+
+from bench.models import DiffusionModel, available_models, register_model
+from bench.sampling import SamplerConfig
+from bench.schedule import alphas_cumprod_for
+from eda.registry import Method, QuantResult, available_methods, register_method
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)
+
+
+if "test-tiny" not in available_models():
+
+    @register_model("test-tiny")
+    def _tiny() -> DiffusionModel:
+        return DiffusionModel(name="test-tiny", unet=tiny_unet().eval(), alphas_cumprod=alphas_cumprod_for("linear"),
+                              sampler=SamplerConfig(kind="ddim", steps=4, eta=0.0, skip="uniform"),
+                              sample_shape=(1, 8, 8), dataset="digits", source="tests.harness_plugin")
+
+
+@dataclass(frozen=True)
+class _Fake(Method):
+    noise: float = 0.01
+    n_traj: int = 4
+    marker: str = ""
+
+    def calibration_request(self, model, overrides=None):
+        m = self.configure(model, None, overrides)
+        return m.n_traj, ()
+
+    def quantize(self, model, bits, trajectories, seed=0, overrides=None, progress=True):
+        m = self.configure(model, bits, overrides)
+        self.misbehave(m)
+        w = int(bits[1:bits.index("A")])
+        g = torch.Generator().manual_seed(seed)
+        unet = copy.deepcopy(model.unet)
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * m.noise * 8 / w)
+        return QuantResult(unet, {"calib_size": int(trajectories.xs.shape[1]), "allocation": [1] * 4,
+                                  "quant_seconds": 0.01, "config": m.knobs()})
+
+    def misbehave(self, m):
+        pass
+
+
+if "test-ok" not in available_methods():
+
+    @register_method("test-ok")
+    @dataclass(frozen=True)
+    class _Ok(_Fake):
+        pass
+
+    @register_method("test-raise")
+    @dataclass(frozen=True)
+    class _Raise(_Fake):
+        def misbehave(self, m):
+            raise ValueError("planted failure in test-raise")
+
+    @register_method("test-crash")
+    @dataclass(frozen=True)
+    class _Crash(_Fake):
+        def misbehave(self, m):
+            if m.marker and not os.path.exists(m.marker):
+                open(m.marker, "w").close()
+                os._exit(1)  # a hard crash of the worker process, as a segfault or an OOM kill would be
+
+    @register_method("test-abort")
+    @dataclass(frozen=True)
+    class _Abort(_Fake):
+        def misbehave(self, m):
+            os._exit(1)

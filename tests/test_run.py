@@ -1,0 +1,152 @@
+"""bench.run end to end on Ray with a tiny random UNet and fake methods (tests/harness_plugin.py)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench.run import main
+from bench.store import read_runs
+from tests.conftest_ray import ray_session  # noqa: F401 - the session-wide Ray cluster
+
+PLUGIN = "tests.harness_plugin"
+
+
+def write_grid(tmp_path, methods, bits=("W8A8", "W4A8"), seeds=(0,), extra="", more=""):
+    p = tmp_path / "t.toml"
+    p.write_text(f"""
+name = "t"
+imports = ["{PLUGIN}"]
+[defaults]
+methods = {list(methods)}
+bits = {list(bits)}
+seeds = {list(seeds)}
+samples = 8
+batch_size = 8
+{extra}
+[[model]]
+name = "test-tiny"
+{more}""".replace("'", '"'))
+    return str(p)
+
+
+def run(*argv):
+    try:
+        return main([*argv, "--no-progress"])
+    except SystemExit as e:
+        return e.code
+
+
+def test_crash_retry_failure_and_shared_artifacts(ray_session, tmp_path):  # noqa: F811
+    marker = tmp_path / "crashed-once"
+    # one more block on the same model: a single cell whose worker dies every time
+    extra = f'[method."test-crash"]\nmarker = "{marker}"\n'
+    grid = write_grid(tmp_path, ["fp", "test-ok", "test-raise", "test-crash"], extra=extra,
+                      more='[[model]]\nname = "test-tiny"\nmethods = ["test-abort"]\nbits = ["W3A8"]\n')
+    out = tmp_path / "out"
+    assert run("--grid", grid, "--out", str(out), "--retries", "1") == 1  # failed cells -> exit status 1
+    df = read_runs(out / "runs").set_index(["method", "bits"])
+    assert len(df) == 8
+    # a cell whose worker always dies is retried a bounded number of times, then recorded as failed
+    assert df.loc[("test-abort", "W3A8"), "status"] == "failed"
+    assert "worker crashed 2 times" in df.loc[("test-abort", "W3A8"), "error"]
+    # the cell that raised is recorded with its error; the grid went on
+    for bits in ("W8A8", "W4A8"):
+        assert df.loc[("test-raise", bits), "status"] == "failed"
+        assert "planted failure" in df.loc[("test-raise", bits), "error"]
+    # the worker killed mid-cell (os._exit) was restarted and its cell re-run to completion
+    assert marker.exists()
+    crash = df.loc["test-crash"]
+    assert (crash["status"] == "ok").all() and sorted(crash["attempts"]) == [1, 2]
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == 5 and ok["eps_mse"].notna().all() and (ok.loc["fp", "eps_mse"] == 0).all()
+    assert ok.loc[("test-ok", "W4A8"), "eps_mse"] > ok.loc[("test-ok", "W8A8"), "eps_mse"] > 0
+    assert ok["git_commit"].notna().all() and ok["versions"].str.contains("torch").all()
+    # FP trajectories and FP samples: computed once for the whole grid, not once per cell
+    cache = out / "cache"
+    assert len(list((cache / "trajectories").glob("*.pt"))) == 1
+    assert len(list((cache / "fp_samples").glob("*.pt"))) == 1
+    # per-cell logs and sample grids
+    assert len(list((out / "logs" / "t").rglob("*.log"))) == 8
+    for rel in ok["sample_grid"]:
+        assert (out / "runs" / rel).is_file()
+
+
+def test_resume_recomputes_only_missing_cells(ray_session, tmp_path):  # noqa: F811
+    grid = write_grid(tmp_path, ["fp", "test-ok"])
+    out = tmp_path / "out"
+    assert run("--grid", grid, "--out", str(out)) == 0
+    first = read_runs(out / "runs")
+    assert len(first) == 3 and first["run_id"].nunique() == 1
+    # an interrupted run: one finished cell never reached the store
+    victim = first[first["bits"] == "W4A8"].iloc[0]
+    files = list((out / "runs").rglob(f"{victim['cell_key']}-*.parquet"))
+    assert len(files) == 1
+    files[0].unlink()
+    assert run("--grid", grid, "--out", str(out)) == 0
+    second = read_runs(out / "runs").set_index("cell_key")
+    assert len(second) == 3
+    rerun = second[second["run_id"] != first["run_id"][0]]
+    assert list(rerun.index) == [victim["cell_key"]]  # only the missing cell was recomputed
+    assert len(list((out / "runs").rglob("*.parquet"))) == 3
+    # nothing left: a third run does nothing; --no-resume reruns everything
+    assert run("--grid", grid, "--out", str(out)) == 0
+    assert len(read_runs(out / "runs", latest=False)) == 3
+
+
+def test_dry_run_full_plans_offline(capsys):
+    assert run("--grid", "full", "--dry-run") == 0
+    text = capsys.readouterr().out
+    methods = ["fp", "rtn", "ptq4dm", "qdiffusion", "eda-dm", "eda-dm:tdac-only", "eda-dm:fbr-only"]
+    models = ["cifar10-ddim", "lsun-bedroom-ldm4", "lsun-church-ldm8", "imagenet-ldm4", "sd-v1-4"]
+    assert "grid full: 65 cells" in text  # 5 models x (fp + 6 methods x 2 settings)
+    blocks = text.split("\nmodel ")[1:]
+    assert [b.split()[0] for b in blocks] == models
+    for b in blocks:
+        lines = {ln.split()[0]: ln.split()[1:] for ln in b.splitlines()[2:] if ln.startswith("  ") and ln.split()}
+        for m in methods:
+            assert lines[m][:-2] == (["FP"] if m == "fp" else ["W8A8", "W4A8"]), (m, lines[m])
+        assert "available" in b.splitlines()[0] or "UNAVAILABLE" in b.splitlines()[0]
+    assert "resources:" in text
+
+
+def test_unavailable_model_fails_fast(tmp_path, capsys):
+    from bench.zoo import model_availability
+
+    if model_availability("cifar10-ddim")[0]:
+        pytest.skip("cifar10-ddim weights are present on this machine")
+    out = tmp_path / "out"
+    assert run("--grid", "full", "--models", "cifar10-ddim", "--methods", "fp,rtn", "--out", str(out)) == 1
+    df = read_runs(out / "runs")
+    assert len(df) == 3 and (df["status"] == "failed").all()
+    assert df["error"].str.contains("cifar10-ddim is unavailable").all()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--grid", "nope"], "unknown grid"),
+    (["--methods", "nope"], "unknown method"),
+    (["--bits", "W1A8"], "bad bit setting"),
+    (["--models", "nope"], "not in grid"),
+    (["--seeds", "a"], "bad --seeds"),
+    (["--set", "novalue"], "bad --set"),
+])
+def test_usage_errors_exit_2(argv, msg, capsys, tmp_path):
+    assert run(*argv, "--dry-run", "--out", str(tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+
+
+def test_unknown_model_in_grid_file(tmp_path, capsys):
+    p = Path(write_grid(tmp_path, ["fp"]))
+    p.write_text(p.read_text().replace("test-tiny", "no-such-model"))
+    assert run("--grid", str(p), "--dry-run") == 2
+    assert "unknown model(s) no-such-model" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--grid", "--address", "--out", "--no-resume", "--dry-run", "--max-workers", "--samples", "--seeds",
+                 "--methods", "--bits", "--set", "--models", "--gpus-per-worker", "--import"):
+        assert flag in text
