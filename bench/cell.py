@@ -15,6 +15,7 @@ import platform
 import resource
 import time
 import traceback
+from datetime import UTC
 from typing import Any
 
 import torch
@@ -150,9 +151,9 @@ def base_row(cell: Cell, context: dict) -> dict:
 
 
 def _now():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, dict]], context: dict,

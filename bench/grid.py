@@ -83,7 +83,7 @@ class Cell:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Cell":
+    def from_dict(cls, d: dict) -> Cell:
         d = dict(d)
         d["metrics"] = tuple(d.get("metrics", ()))
         return cls(**d)

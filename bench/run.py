@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.errors import BenchError, UsageError, cli_main
@@ -247,7 +247,7 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
     from bench.progress import GridProgress
     from bench.worker import execute, write_result
 
-    context = {"run_id": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
+    context = {"run_id": f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
                "git_commit": git_commit()}
     t0 = time.time()
     progress = GridProgress(len(todo), f"grid {grid.name}", enabled=args.progress)

@@ -1,6 +1,5 @@
 """bench.run end to end on Ray with a tiny random UNet and fake methods (tests/harness_plugin.py)."""
 
-import os
 from pathlib import Path
 
 import pytest
