@@ -47,19 +47,9 @@ class DiffusionModel:
     prompts: Callable[[int, int], list[str]] | None = None
 
     def unet_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None):
-        """The batch the UNet actually sees for (x_t, t, cond) -> (x, t, kwargs).
-
-        Keys of `cond` starting with `uncond_` are the unconditional counterparts of the other keys (classifier-free
-        guidance). With guidance_scale != 1 the batch is doubled to [uncond; cond] as in CompVis' samplers
-        (`torch.cat([unconditional_conditioning, c])`), so calibration and reconstruction should feed the UNet
-        through this function to see the same inputs as sampling; otherwise the uncond_ keys are dropped.
-        """
-        cond_kw, uncond_kw = split_guidance(cond)
-        cast = {k: (v.to(x.device, x.dtype) if v.is_floating_point() else v.to(x.device)) for k, v in cond_kw.items()}
-        if uncond_kw is None or self.guidance_scale == 1.0:
-            return x, t, cast
-        both = {k: torch.cat([uncond_kw[k].to(v.device, v.dtype), v]) for k, v in cast.items()}
-        return torch.cat([x, x]), torch.cat([t, t]), both
+        """The batch the UNet actually sees for (x_t, t, cond) -> (x, t, kwargs): [uncond; cond] when
+        guidance_scale != 1 and `cond` carries `uncond_*` keys (see guided_inputs), else the cond branch only."""
+        return guided_inputs(x, t, cond, guidance=self.guidance_scale != 1.0)
 
     def eps_fn(self, unet: torch.nn.Module | None = None, cond: dict[str, torch.Tensor] | None = None):
         """The sampler's view of `unet` (default: this model's FP UNet): (x_t, t) -> predicted noise, with
@@ -110,6 +100,22 @@ def split_guidance(cond: dict[str, torch.Tensor] | None):
     if un and set(un) != set(kw):
         raise BenchError(f"conditioning keys {sorted(cond)} do not pair up: every uncond_<key> needs a <key>")
     return kw, (un or None)
+
+
+def guided_inputs(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None, guidance: bool = True):
+    """UNet inputs for a batch with classifier-free guidance -> (x, t, kwargs).
+
+    With `uncond_*` keys in `cond` (and guidance=True) the batch is doubled to [uncond; cond], as CompVis' samplers
+    do (`torch.cat([unconditional_conditioning, c])`) and as EDA-DM's reconstruction pairs each calibration sample
+    (eda-dm.md §1 step 6); calibration and reconstruction should call the UNet through this to see what sampling
+    sees. Without uncond keys (or guidance=False) it returns the cond kwargs only, cast to x's device and dtype.
+    """
+    cond_kw, uncond_kw = split_guidance(cond)
+    cast = {k: (v.to(x.device, x.dtype) if v.is_floating_point() else v.to(x.device)) for k, v in cond_kw.items()}
+    if uncond_kw is None or not guidance:
+        return x, t, cast
+    both = {k: torch.cat([uncond_kw[k].to(v.device, v.dtype), v]) for k, v in cast.items()}
+    return torch.cat([x, x]), torch.cat([t, t]), both
 
 
 _REGISTRY: dict[str, Callable[..., DiffusionModel]] = {}

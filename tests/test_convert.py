@@ -128,7 +128,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(heads * dh, ch, 1)
 
     def forward(self, x, emb=None, context=None):
-        b, c, hh, ww = x.shape
+        b, _, hh, ww = x.shape
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
         for blk in self.transformer_blocks:
             h = blk(h, context)
