@@ -35,7 +35,7 @@ from bench.sampling import SamplerConfig
 from bench.schedule import alphas_cumprod_for
 
 ENV_MODELS = "EDA_BENCH_MODELS"  # root folder holding <name>/ model folders (converted or saved)
-ENV_DATA = "EDA_BENCH_DATA"  # root folder of the reference image sets (lsun_bedroom/, lsun_church/, imagenet/, coco/)
+ENV_DATA = "EDA_BENCH_DATA"  # reference images: $EDA_BENCH_DATA/<dataset>/<split>/ (bench.metrics.data_dir)
 ENV_CAPTIONS = "EDA_BENCH_COCO_CAPTIONS"  # captions_val2014.json (or a .txt with one prompt per line)
 
 # CompVis samplers: uniform steps + 1 and alpha_bar_0 before the first step (ecosystem.md §3).
@@ -63,6 +63,7 @@ class ZooEntry:
     sampler: SamplerConfig
     dataset: str
     reference: str  # where the metrics' reference data comes from
+    reference_split: str = "train"  # bench.metrics reads $EDA_BENCH_DATA/<dataset>/<split>
     hub_id: str | None = None  # diffusers repo, read from the local HF cache only
     ckpt_url: str | None = None  # original CompVis checkpoint, converted with `python -m bench.convert`
     guidance_scale: float = 1.0
@@ -76,31 +77,34 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry(
         "cifar10-ddim", "pixel", ("linear", 1e-4, 0.02), SamplerConfig("ddim", 100, 0.0, "quad"), "cifar10",
-        "CIFAR-10 train set statistics (torch-fidelity `cifar10-train` in the papers)", hub_id="google/ddpm-cifar10-32",
+        f"CIFAR-10 train images in ${ENV_DATA}/cifar10/train (torch-fidelity `cifar10-train` in the papers)",
+        hub_id="google/ddpm-cifar10-32",
         metrics=("fid", "is"),
         defaults=_eda(1.2, 3.0, 0.8, 5000, 32, {"W8A8": (5e-2, 1e-3), "W4A8": (5e-1, 5e-4)}, init_batch=256),
         note="the papers use pesser's EMA port of Ho et al.'s checkpoint; google/ddpm-cifar10-32 is the diffusers "
              "conversion of the same DDPM model"),
     ZooEntry(
         "lsun-bedroom-ldm4", "latent", ("scaled_linear", 0.0015, 0.0195), SamplerConfig("ddim", 200, 1.0, **_COMPVIS),
-        "lsun-bedroom", f"LSUN-Bedroom images in ${ENV_DATA}/lsun_bedroom",
-        ckpt_url="https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip",
+        "lsun-bedroom", f"LSUN-Bedroom images in ${ENV_DATA}/lsun-bedroom/train",
+        ckpt_url="https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip", metrics=("fid", "sfid"),
         defaults=_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-4, 1e-4), "W4A8": (1e-2, 5e-3)}, tdac_batch=64)),
     ZooEntry(
         "lsun-church-ldm8", "latent", ("scaled_linear", 0.0015, 0.0155), SamplerConfig("ddim", 500, 0.0, **_COMPVIS),
-        "lsun-church", f"LSUN-Church images in ${ENV_DATA}/lsun_church",
-        ckpt_url="https://ommer-lab.com/files/latent-diffusion/lsun_churches.zip",
+        "lsun-church", f"LSUN-Church images in ${ENV_DATA}/lsun-church/train",
+        ckpt_url="https://ommer-lab.com/files/latent-diffusion/lsun_churches.zip", metrics=("fid", "sfid"),
         samplers={"qdiffusion": SamplerConfig("ddim", 400, 0.0, **_COMPVIS)},  # Q-Diffusion README: -c 400
         defaults=_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-2, 1e-4), "W4A8": (5e-2, 1e-4)}, tdac_batch=64)),
     ZooEntry(
         "imagenet-ldm4", "class", ("scaled_linear", 0.0015, 0.0195), SamplerConfig("ddim", 20, 0.0, **_COMPVIS),
-        "imagenet", f"ImageNet images in ${ENV_DATA}/imagenet (50 generated images per class)",
+        "imagenet", f"ImageNet images in ${ENV_DATA}/imagenet/train (50 generated images per class)",
         ckpt_url="https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt", guidance_scale=3.0,
         defaults=_eda(1.2, 3.0, 0.8, 1000, 32, {"W8A8": (1e-4, 1e-3), "W4A8": (5e-1, 1e-4)}, tdac_batch=64)),
     ZooEntry(
         "sd-v1-4", "text", ("scaled_linear", 0.00085, 0.012), SamplerConfig("plms", 50, 0.0, **_COMPVIS),
-        "coco-val2014", f"MS-COCO val2014 captions (${ENV_CAPTIONS}) and images; CLIP score (ViT-L/14)",
-        hub_id="CompVis/stable-diffusion-v1-4", guidance_scale=7.5, n_eval=10_000, metrics=("fid", "clip"),
+        "coco", f"MS-COCO val2014 images in ${ENV_DATA}/coco/val2014, captions (${ENV_CAPTIONS}); CLIP score "
+        "(ViT-L/14, bench.clip_score)", reference_split="val2014",
+        hub_id="CompVis/stable-diffusion-v1-4", guidance_scale=7.5, n_eval=10_000,
+        metrics=("fid", "sfid", "clip"),
         # softmax output at 16 bits for SD in Q-Diffusion and EDA-DM (--sm_abit 16); Q-Diffusion's SD calibration:
         # --cali_st 25 --cali_n 128 --cali_batch_size 8 (baselines.md §1.9)
         defaults={**_eda(5.0, 0.3, 0.8, 1000, 2, {"W8A8": (5e-4, 1e-4), "W4A8": (3e-2, 1e-4)}, n_samples=256,
@@ -177,12 +181,12 @@ def _need_transformers(name: str) -> None:
         raise BenchError(f"{name} needs the CLIP text encoder from transformers: pip install -e '.[sd]'") from None
 
 
-def _captions_file() -> Path | None:
+def _captions_file() -> Path:
     if os.environ.get(ENV_CAPTIONS):
         return Path(os.environ[ENV_CAPTIONS])
-    if os.environ.get(ENV_DATA):
-        return Path(os.environ[ENV_DATA]) / "coco" / "annotations" / "captions_val2014.json"
-    return None
+    from bench.metrics import data_dir
+
+    return data_dir() / "coco" / "annotations" / "captions_val2014.json"
 
 
 def model_availability(name: str, model_dir: str | os.PathLike | None = None) -> tuple[bool, str]:
@@ -199,7 +203,7 @@ def model_availability(name: str, model_dir: str | os.PathLike | None = None) ->
         if ZOO[name].family == "text":
             _need_transformers(name)
             cap = _captions_file()
-            if cap is None or not cap.is_file():
+            if not cap.is_file():
                 return False, (f"{name}: the MS-COCO val2014 captions are missing; download annotations_trainval2014"
                                f".zip from cocodataset.org and set ${ENV_CAPTIONS} to captions_val2014.json")
     except BenchError as e:
@@ -281,6 +285,7 @@ def _base(entry: ZooEntry, unet, root: Path, source: str, **kw) -> DiffusionMode
         sampler=entry.sampler, sample_shape=(cfg.in_channels, size, size), dataset=entry.dataset,
         guidance_scale=entry.guidance_scale, source=source,
         defaults={**entry.defaults, "n_eval": entry.n_eval, "metrics": entry.metrics, "reference": entry.reference,
+                  "reference_split": entry.reference_split,
                   "samplers": {k: v for k, v in entry.samplers.items()}}, **kw)
 
 
@@ -375,11 +380,7 @@ def _text(entry, unet, root, src, captions) -> DiffusionModel:
     def prompts(n: int, seed: int) -> list[str]:
         # EDA-DM's coco_prompt.get_prompts shuffles the val2014 captions; we shuffle with the seed.
         if "all" not in cache:
-            path = captions or _captions_file()
-            if path is None:
-                raise BenchError(f"{entry.name} needs MS-COCO val2014 captions: set ${ENV_CAPTIONS} to "
-                                 "captions_val2014.json (annotations_trainval2014.zip from cocodataset.org)")
-            cache["all"] = read_captions(path)
+            cache["all"] = read_captions(captions or _captions_file())
         pool = cache["all"]
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
         return [pool[order[i % len(pool)]] for i in range(n)]
