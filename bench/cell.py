@@ -133,6 +133,35 @@ def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
     return buf.getvalue()
 
 
+VS_FP = ("fid_vs_fp", "digits_fid_vs_fp")  # harness-level metric names: distances to the FP samples (same seed)
+
+
+def evaluate_cell(images, fp_images, dataset: str, cell: Cell, device: str) -> dict[str, float]:
+    """bench.metrics.evaluate on the cell's metrics. The distances to FP samples are computed only when the grid
+    asks for them: fid_vs_fp needs Inception features of both sample sets (minutes on CPU), digits_fid_vs_fp only
+    the digits classifier's. For the FP cell both are 0 by definition."""
+    from bench.metrics import evaluate
+
+    is_fp = cell.method == FP_METHOD
+    wanted = tuple(m for m in cell.metrics if m not in VS_FP)
+    vs_fp = "fid_vs_fp" in cell.metrics and not is_fp
+    scores = {}
+    if wanted or vs_fp:
+        scores = evaluate(images, dataset, metrics=wanted, fp_images=fp_images if vs_fp else None, device=device,
+                          progress=False)
+        if "digits_fid_vs_fp" not in cell.metrics:
+            scores.pop("digits_fid_vs_fp", None)
+    if "digits_fid_vs_fp" in cell.metrics and not is_fp and "digits_fid_vs_fp" not in scores:
+        from bench import classifier
+        from bench.metrics import fid_from_features
+
+        scores["digits_fid_vs_fp"] = fid_from_features(classifier.features(images.cpu()),
+                                                       classifier.features(fp_images.cpu()))
+    if is_fp:
+        scores.update({m: 0.0 for m in VS_FP if m in cell.metrics})
+    return scores
+
+
 def peak_memory_mb(device: str) -> float:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -199,9 +228,7 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row["eps_mse"] = 0.0
     t = time.time()
     if cell.metrics:
-        from bench.metrics import evaluate
-
-        scores = evaluate(images, model.dataset, metrics=tuple(cell.metrics), fp_images=fp_images, device=device)
+        scores = evaluate_cell(images, fp_images, model.dataset, cell, device)
         for k, v in scores.items():
             if k in METRICS:
                 row[k] = float(v)

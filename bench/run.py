@@ -77,6 +77,20 @@ def plan(args) -> Grid:
                            models=_csv(args.models), sets=parse_set(args.sets))
 
 
+def check_metrics(grid: Grid) -> None:
+    """Metric names must be ones bench.metrics.evaluate knows (or the harness's distances to FP samples)."""
+    try:
+        from bench.metrics import ALL_METRICS
+    except ImportError:
+        return
+    from bench.cell import VS_FP
+
+    known = (*ALL_METRICS, *VS_FP)
+    bad = sorted({m for b in grid.models for m in b["metrics"] if m not in known})
+    if bad:
+        raise UsageError(f"unknown metric(s) {', '.join(bad)} in grid {grid.name}; expected some of {', '.join(known)}")
+
+
 def import_plugins(modules: list[str]) -> None:
     for m in modules:
         try:
@@ -223,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     done = done_keys(runs_dir(out), grid.name) if args.resume else set()
     todo = [c for c in cells if c.key not in done]
     check_methods(grid)
+    check_metrics(grid)
     status = {b["name"]: model_status(b["name"]) for b in grid.models}
     unknown = [m for m, (ok, why) in status.items() if why.startswith("not registered")]
     if unknown:

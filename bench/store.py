@@ -24,7 +24,7 @@ from bench.errors import BenchError
 
 # Metrics of bench.metrics.evaluate plus the harness's own noise-prediction error; NaN when not computed.
 METRICS = ("fid", "sfid", "is", "kid", "precision", "recall", "digits_fid", "digits_coverage", "digits_confidence",
-           "fid_vs_fp", "clip", "eps_mse")
+           "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse")
 PARTITIONS = ("grid", "model", "method")
 PARTITION_SCHEMA = pa.schema([(k, pa.string()) for k in PARTITIONS])
 
