@@ -67,16 +67,17 @@ def search_range(x2d: torch.Tensor, n_bits: int, symmetric: bool, method: str, u
     if max_elems is not None and x2d.shape[1] > max_elems:
         x2d = x2d[:, :: -(-x2d.shape[1] // max_elems)]
     n_levels = 2**n_bits
-    best = torch.full_like(lo_full, float("inf"))
-    best_lo, best_hi = lo_full.clone(), hi_full.clone()
-    fracs = [i / 100 for i in range(1, 101)] if symmetric else [1 - 0.01 * i for i in range(80)]
-    for f in fracs:
-        lo, hi = lo_full * f, hi_full * f
-        err = (x2d - _qdq(x2d, lo[:, None], hi[:, None], n_levels)).abs().pow(p).mean(1)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_lo = torch.where(better, lo, best_lo)
-        best_hi = torch.where(better, hi, best_hi)
+    fracs = torch.tensor([i / 100 for i in range(1, 101)] if symmetric else [1 - 0.01 * i for i in range(80)])
+    # Candidates are evaluated in chunks of [K, C, n] to keep the loop short (same result as one at a time).
+    chunk = max(1, (1 << 22) // max(x2d.numel(), 1))
+    errs = []
+    for f in fracs.split(chunk):
+        lo, hi = lo_full[None] * f[:, None], hi_full[None] * f[:, None]  # [K, C]
+        xq = _qdq(x2d[None], lo[..., None], hi[..., None], n_levels)
+        errs.append((x2d[None] - xq).abs().pow(p).mean(-1))
+    best = torch.cat(errs).argmin(0)  # first minimum, as a strict '<' scan would pick
+    f_best = fracs[best]
+    best_lo, best_hi = lo_full * f_best, hi_full * f_best
     return best_lo, best_hi
 
 
