@@ -40,9 +40,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def is_quantized_dir(path: str) -> bool:
+    if not Path(path).is_dir():
+        return False
     from eda.checkpoint import is_quantized_dir as check
 
-    return Path(path).is_dir() and check(path)
+    return check(path)
 
 
 def load_for_sampling(name_or_dir: str, device: str = "cpu"):
