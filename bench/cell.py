@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from bench.artifacts import ArtifactCache, model_fingerprint
+from bench.errors import BenchError
 from bench.grid import FP_METHOD, Cell
 from bench.sampling import SamplerConfig
 from bench.store import METRICS, empty_row
@@ -134,16 +135,18 @@ def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
 
 
 VS_FP = ("fid_vs_fp", "digits_fid_vs_fp")  # harness-level metric names: distances to the FP samples (same seed)
+HARNESS_METRICS = (*VS_FP, "clip")  # computed here rather than by bench.metrics.evaluate
 
 
-def evaluate_cell(images, fp_images, dataset: str, cell: Cell, device: str) -> dict[str, float]:
+def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str, float]:
     """bench.metrics.evaluate on the cell's metrics. The distances to FP samples are computed only when the grid
     asks for them: fid_vs_fp needs Inception features of both sample sets (minutes on CPU), digits_fid_vs_fp only
     the digits classifier's. For the FP cell both are 0 by definition."""
     from bench.metrics import evaluate
 
+    dataset = model.dataset
     is_fp = cell.method == FP_METHOD
-    wanted = tuple(m for m in cell.metrics if m not in VS_FP)
+    wanted = tuple(m for m in cell.metrics if m not in HARNESS_METRICS)
     vs_fp = "fid_vs_fp" in cell.metrics and not is_fp
     scores = {}
     if wanted or vs_fp:
@@ -159,6 +162,12 @@ def evaluate_cell(images, fp_images, dataset: str, cell: Cell, device: str) -> d
                                                        classifier.features(fp_images.cpu()))
     if is_fp:
         scores.update({m: 0.0 for m in VS_FP if m in cell.metrics})
+    if "clip" in cell.metrics:  # text-to-image models: CLIP score of each image against its prompt (EDA-DM Tab. 3)
+        from bench.clip_score import clip_score
+
+        if model.prompts is None:
+            raise BenchError(f"metric clip needs prompts, but model {model.name} has none; drop clip from the grid")
+        scores["clip"] = float(clip_score(images, model.prompts(cell.samples, cell.seed), device=device)["clip"])
     return scores
 
 
@@ -228,7 +237,7 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row["eps_mse"] = 0.0
     t = time.time()
     if cell.metrics:
-        scores = evaluate_cell(images, fp_images, model.dataset, cell, device)
+        scores = evaluate_cell(images, fp_images, model, cell, device)
         for k, v in scores.items():
             if k in METRICS:
                 row[k] = float(v)

@@ -83,9 +83,9 @@ def check_metrics(grid: Grid) -> None:
         from bench.metrics import ALL_METRICS
     except ImportError:
         return
-    from bench.cell import VS_FP
+    from bench.cell import HARNESS_METRICS
 
-    known = (*ALL_METRICS, *VS_FP)
+    known = (*ALL_METRICS, *HARNESS_METRICS)
     bad = sorted({m for b in grid.models for m in b["metrics"] if m not in known})
     if bad:
         raise UsageError(f"unknown metric(s) {', '.join(bad)} in grid {grid.name}; expected some of {', '.join(known)}")

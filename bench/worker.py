@@ -14,6 +14,7 @@ import importlib
 import io
 import logging
 import os
+import resource
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class CellWorker:
         log.propagate = False
         log.info("cell %s (%s) on pid %d, device %s", cell.label(), cell.key, os.getpid(), self.device)
         t0, load_error, png = time.time(), False, None
+        cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
         try:
             if self.model_name != cell.model:
                 load_error = True
@@ -72,7 +74,10 @@ class CellWorker:
         except Exception as e:  # noqa: BLE001 - any failure of one cell is recorded and the grid goes on
             log.error("%s", format_traceback(e))
             row = failed_row(cell, context, format_error(e), seconds=time.time() - t0)
-        log.info("status %s in %.1fs; cache hits %s", row["status"], time.time() - t0, self.cache.hits)
+        cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
+        # CPU seconds as well as wall seconds: on a shared machine wall time says little about a dedicated one
+        log.info("status %s in %.1fs wall, %.1fs CPU; cache hits %s", row["status"], time.time() - t0, cpu,
+                 self.cache.hits)
         return {"row": row, "png": png, "log": buf.getvalue(), "load_error": load_error}
 
     def _load(self, name: str):
