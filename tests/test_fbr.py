@@ -65,3 +65,14 @@ def test_capture_outputs_records_the_named_layers(qunet):
     assert store["conv1"].shape == (2, 8, 8, 8) and store["time_emb_proj"].shape == (2, 8)
     # hooks are removed afterwards
     assert all(not m._forward_hooks for m in block.modules())
+
+
+def test_recon_engine_uses_the_same_layers_for_every_unit(qunet):
+    """eda.recon computes the FBR term itself: its inner layers must be exactly fbr_layers for every unit."""
+    from eda.units import reconstruction_units, unit_layers
+
+    units = reconstruction_units(qunet)
+    assert {u.kind for u in units} >= {"resnet", "attention", "layer"}
+    for u in units:
+        engine = list(unit_layers(u))[:-1]
+        assert engine == (fbr_layers(u.module) if u.kind != "layer" else []), u.name

@@ -1,0 +1,195 @@
+"""Method registry, knob resolution and every method end to end on a tiny random UNet (seconds each)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench.errors import UsageError
+from bench.models import DiffusionModel
+from bench.sampling import SamplerConfig
+from bench.schedule import alphas_cumprod_for
+from eda.registry import available_methods, get_method, parse_overrides
+
+torch.set_num_threads(2)
+
+ALL = ["fp", "rtn", "ptq4dm", "qdiffusion", "eda-dm", "eda-dm:tdac-only", "eda-dm:fbr-only"]
+# tiny budgets for every method: a few iterations, small calibration sets (all knobs the official scripts set)
+TINY = {
+    "rtn": {"n_samples": 8, "init_batch": 8},
+    "ptq4dm": {"n_samples": 8, "iters": 2, "batch_size": 4, "init_batch": 8},
+    "qdiffusion": {"cali_st": 2, "cali_n": 4, "iters": 2, "iters_a": 2, "batch_size": 4, "init_batch": 8},
+    "eda-dm": {"n_samples": 8, "iters": 2, "batch_size": 4, "init_batch": 8},
+}
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D",
+                                                                                            "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8).eval()
+
+
+def tiny_model(seed: int = 0, steps: int = 6) -> DiffusionModel:
+    return DiffusionModel(name="tiny", unet=tiny_unet(seed), alphas_cumprod=alphas_cumprod_for("linear"),
+                          sampler=SamplerConfig(kind="ddim", steps=steps, eta=0.0, skip="quad"),
+                          sample_shape=(1, 8, 8), dataset="digits")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def trajectories(model):
+    from eda.trajectories import mid_attention_name, record_trajectories
+
+    return record_trajectories(model, 12, seed=123, feature_modules=(mid_attention_name(model.unet),), batch_size=24)
+
+
+def tiny(name: str, **extra) -> dict:
+    return {**TINY.get(name.split(":")[0], {}), **extra}
+
+
+# ---- registry and knobs -------------------------------------------------------------------------------------------
+def test_all_methods_registered():
+    assert set(ALL) <= set(available_methods())
+
+
+def test_unknown_method_lists_names():
+    with pytest.raises(UsageError, match="eda-dm"):
+        get_method("brecq")
+
+
+def test_unknown_knob_lists_valid_ones():
+    with pytest.raises(UsageError, match="valid: .*lam"):
+        get_method("eda-dm").configure(None, "W4A8", {"lamda": 1.0})
+
+
+def test_string_overrides_are_coerced():
+    m = get_method("eda-dm").configure(None, "W8A8", parse_overrides(
+        ["iters=10", "lam=0.5", "tdac_batch=none", "split_shortcut=false", "lr_w=1e-3"]))
+    assert (m.iters, m.lam, m.tdac_batch, m.split_shortcut, m.lr_w, m.lr_a) == (10, 0.5, None, False, 1e-3, 1e-3)
+    with pytest.raises(UsageError, match="expects int"):
+        get_method("eda-dm").configure(None, "W8A8", {"iters": "ten"})
+    with pytest.raises(UsageError, match="key=value"):
+        parse_overrides(["iters"])
+
+
+def test_lr_table_by_bits():
+    m = get_method("eda-dm")
+    assert (m.configure(None, "W8A8").lr_w, m.configure(None, "W8A8").lr_a) == (5e-2, 1e-3)
+    assert (m.configure(None, "W4A8").lr_w, m.configure(None, "W4A8").lr_a) == (5e-1, 5e-4)
+    assert m.configure(None, "W3A8").lr_w == 5e-1 and m.configure(None, "W6A6").lr_w == 5e-2
+
+
+def test_iters_scale():
+    m = get_method("eda-dm").configure(None, "W4A8", {"iters_scale": 0.01})
+    assert m.scaled(m.iters) == 50 and m.scaled(1) == 1
+    with pytest.raises(UsageError):
+        get_method("rtn").configure(None, "W4A8", {"iters_scale": 0})
+
+
+def test_model_defaults_resolution(model):
+    md = replace(model, defaults={"radius": 0.3, "cali_n": 9, "eda-dm": {"lam": 1.0, "W4A8": {"lr_w": 1e-2}}})
+    m = get_method("eda-dm:tdac-only").configure(md, "W4A8", {"lam": 2.0})
+    assert (m.radius, m.lam, m.lr_w, m.lr_a) == (0.3, 2.0, 1e-2, 5e-4)  # override > model > table
+    assert get_method("eda-dm").configure(md, "W8A8").lr_w == 5e-2
+    assert get_method("qdiffusion").configure(md, "W8A8").cali_n == 9
+    with pytest.raises(UsageError, match="unknown knob"):
+        get_method("eda-dm").configure(replace(model, defaults={"eda-dm": {"lamda": 1}}), "W4A8")
+
+
+def test_ablations_differ_in_one_knob():
+    base = get_method("eda-dm").knobs()
+    for name, (k, v) in {"eda-dm:tdac-only": ("loss", "mse"), "eda-dm:fbr-only": ("calibration", "uniform")}.items():
+        diff = {key: val for key, val in get_method(name).knobs().items() if base[key] != val}
+        assert diff == {k: v}
+
+
+def test_calibration_requests(model):
+    n, feats = get_method("eda-dm").calibration_request(model)
+    assert n == 1024 and feats == ("mid_block.attentions.0",)
+    assert get_method("eda-dm:fbr-only").calibration_request(model) == (1024, ())
+    assert get_method("qdiffusion").calibration_request(model, {"cali_n": 7}) == (7, ())
+    assert get_method("ptq4dm").calibration_request(model)[0] == 1024
+    assert get_method("fp").calibration_request(model) == (0, ())
+
+
+# ---- calibration selection ----------------------------------------------------------------------------------------
+def test_tdac_selection_one_sample_per_trajectory(model, trajectories):
+    m = get_method("eda-dm").configure(model, "W4A8", tiny("eda-dm"))
+    calib, alloc, extra = m.select(model, trajectories, seed=0)
+    assert len(calib) == 8 and sum(alloc) == 8 and len(alloc) == trajectories.steps
+    assert set(extra["tdac"]) >= {"density_norm", "diversity_norm", "dense_fraction"}
+    # every selected x_t is trajectory i's state at some step, no trajectory used twice
+    used = []
+    for x in calib.xs:
+        hits = (trajectories.xs.float() == x).flatten(2).all(-1).nonzero()
+        assert len(hits) >= 1
+        used.append(int(hits[0, 1]))
+    assert len(set(used)) == 8
+
+
+def test_qdiffusion_selection_is_steps_by_samples(model, trajectories):
+    m = get_method("qdiffusion").configure(model, "W4A8", tiny("qdiffusion"))
+    calib, alloc, _ = m.select(model, trajectories, seed=0)
+    S = trajectories.steps
+    steps = list(range(0, S, S // 2))
+    assert len(calib) == 4 * len(steps)
+    assert [i for i, c in enumerate(alloc) if c] == steps and set(alloc) <= {0, 4}
+
+
+def test_ptq4dm_official_variant_selection(model, trajectories):
+    m = get_method("ptq4dm").configure(model, "W8A8", tiny("ptq4dm", ndtc="official"))
+    calib, alloc, _ = m.select(model, trajectories, seed=0)
+    assert len(calib) == 8 and sum(alloc) == 8
+
+
+def test_too_few_trajectories(model, trajectories):
+    with pytest.raises(UsageError, match="trajectories"):
+        get_method("eda-dm").quantize(model, "W4A8", trajectories, overrides={"n_samples": 1000})
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_method_end_to_end(name, model, trajectories):
+    from eda.wrap import get_quant_state, quant_layers
+
+    res = get_method(name).quantize(model, "W4A8", trajectories, seed=0, overrides=tiny(name), progress=False)
+    info = res.info
+    assert {"calib_size", "allocation", "quant_seconds", "config"} <= set(info)
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.full((4,), 500, dtype=torch.long)
+    with torch.no_grad():
+        out = res.unet(x, t).sample
+        ref = model.unet(x, t).sample
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    if name == "fp":
+        assert res.unet is model.unet and info["calib_size"] == 0
+        return
+    assert len(quant_layers(res.unet)) > 0 and get_quant_state(res.unet) == (True, True)
+    assert not torch.equal(out, ref)  # 4-bit weights change the output
+    assert len(quant_layers(model.unet)) == 0  # the FP model is untouched
+    assert info["calib_size"] > 0
+
+
+def test_ptq4dm_official_scripts_skip_reconstruction(model, trajectories):
+    res = get_method("ptq4dm").quantize(model, "W8A8", trajectories, overrides=tiny("ptq4dm", official_scripts=True),
+                                        progress=False)
+    assert res.info["recon"] == []
+
+
+def test_quantize_is_seeded(model, trajectories):
+    m = get_method("eda-dm")
+    kw = tiny("eda-dm", iters=1, w_init="minmax", a_init="minmax")
+    a = m.quantize(model, "W4A8", trajectories, seed=1, overrides=kw, progress=False)
+    b = m.quantize(model, "W4A8", trajectories, seed=1, overrides=kw, progress=False)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 100, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(a.unet(x, t).sample, b.unet(x, t).sample)
+    assert a.info["allocation"] == b.info["allocation"]
