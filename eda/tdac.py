@@ -145,21 +145,25 @@ def assign_steps(counts: torch.Tensor, n_trajectories: int | None = None, seed: 
     return torch.cat([labels, torch.full((n - len(labels),), -1, dtype=torch.long)])
 
 
-def plot_allocation(scores: dict, counts: torch.Tensor, path: str, title: str = "TDAC allocation") -> None:
-    """n_t per step (bars) with the normalised density and diversity curves, as in the paper's figure."""
+def plot_allocation(scores: dict, counts, path: str, title: str = "TDAC allocation") -> None:
+    """n_t per step (bars) with the normalised density and diversity curves, as in the paper's figure. Takes
+    `tdac_scores` output or the lists a method stores in `info["tdac"]` / `info["allocation"]`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def as_list(v):
+        return v.tolist() if torch.is_tensor(v) else list(v)
+
     steps = range(len(counts))
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.bar(steps, counts.tolist(), color="#9bb7d4", label="n_t")
+    ax.bar(steps, as_list(counts), color="#9bb7d4", label="n_t")
     ax.set_xlabel("sampling step (0 = x_T)")
     ax.set_ylabel("calibration samples n_t")
     ax2 = ax.twinx()
-    ax2.plot(steps, scores["density_norm"].tolist(), color="#c0392b", label="density (norm.)")
-    ax2.plot(steps, scores["diversity_norm"].tolist(), color="#27ae60", label="diversity (norm.)")
+    ax2.plot(steps, as_list(scores["density_norm"]), color="#c0392b", label="density (norm.)")
+    ax2.plot(steps, as_list(scores["diversity_norm"]), color="#27ae60", label="diversity (norm.)")
     ax2.set_ylim(-0.05, 1.05)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()

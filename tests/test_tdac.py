@@ -100,3 +100,15 @@ def test_bad_inputs():
         allocate_steps(torch.zeros(3, 4), 10)
     with pytest.raises(UsageError):
         allocate_steps([], 10)
+
+
+def test_plot_allocation_from_scores_and_lists(tmp_path):
+    from eda.tdac import plot_allocation
+
+    f = _features()
+    s = tdac_scores(f, 20.0, 1.2)
+    c = counts_from_weights(s["weight"], 64)
+    plot_allocation(s, c, str(tmp_path / "a.png"))
+    plot_allocation({k: (v.tolist() if torch.is_tensor(v) else v) for k, v in s.items()}, c.tolist(),
+                    str(tmp_path / "b.png"))
+    assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
