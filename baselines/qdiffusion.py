@@ -51,7 +51,10 @@ class QDiffusion(PTQMethod):
     first_last_8bit: bool = False
     w_init: str = "minmax"
     a_init: str = "minmax"
-    init_batch: int = 64  # activation ranges from the first quantized forward of 64 random samples (CIFAR)
+    # activation ranges from the first quantized forward on 64 random calibration samples (DDIM script, no
+    # --running_stat in the CIFAR command)
+    init_batch: int = 64
+    init_samples: int | None = 64
 
     def validate(self) -> None:
         super().validate()

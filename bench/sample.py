@@ -40,11 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def is_quantized_dir(path: str) -> bool:
+    """A directory written by eda.checkpoint.save_quantized (it holds the quantized config file)."""
     if not Path(path).is_dir():
         return False
-    from eda.checkpoint import is_quantized_dir as check
+    from eda.checkpoint import CONFIG_FILE
 
-    return check(path)
+    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def load_for_sampling(name_or_dir: str, device: str = "cpu"):

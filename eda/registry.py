@@ -162,6 +162,7 @@ class PTQMethod(Method):
     softmax_bits: int = 8
     quantize_attention: bool = True
     init_batch: int = 256  # batch of the activation range initialisation (CIFAR scripts: 256)
+    init_samples: int | None = None  # calibration samples (seeded random subset) for range init; None = all
 
     POLICY_KNOBS = ("first_last_8bit", "split_shortcut", "w_symmetric", "a_symmetric", "w_init", "a_init",
                     "softmax_bits", "quantize_attention")
@@ -172,6 +173,8 @@ class PTQMethod(Method):
             raise UsageError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.init_batch < 1:
             raise UsageError(f"init_batch must be >= 1, got {self.init_batch}")
+        if self.init_samples is not None and self.init_samples < 1:
+            raise UsageError(f"init_samples must be >= 1 or none, got {self.init_samples}")
 
     def policy(self, bits: str):
         from eda.policy import BitPolicy
@@ -196,6 +199,13 @@ class PTQMethod(Method):
         """Reconstruction passes in order; [] = ranges only (round-to-nearest)."""
         return []
 
+    def init_subset(self, calib, seed: int):
+        """The calibration samples the range initialisation sees: all, or a seeded random `init_samples`."""
+        if self.init_samples is None or self.init_samples >= len(calib):
+            return calib
+        g = torch.Generator().manual_seed(seed + 7919)
+        return calib.subset(torch.randperm(len(calib), generator=g)[: self.init_samples])
+
     def check_trajectories(self, trajectories, need: int) -> None:
         have = trajectories.xs.shape[1]
         if have < need:
@@ -212,7 +222,7 @@ class PTQMethod(Method):
         calib, allocation, extra = m.select(model, trajectories, seed)
         policy = m.policy(bits)
         qunet = quantize_unet(model.unet, policy)
-        init_ranges(qunet, calib, batch_size=m.init_batch)
+        init_ranges(qunet, m.init_subset(calib, seed), batch_size=m.init_batch)
         reports = []
         for stage in m.stages(bits, seed):
             set_quant_state(qunet, weights=stage.weights, acts=stage.acts)
