@@ -169,7 +169,7 @@ def _read_unet(path: Path):
     if not weights:
         raise BenchError(f"no weights (diffusion_pytorch_model.safetensors) in {path}; re-save or re-download it")
     try:
-        return cls.from_pretrained(path, local_files_only=True)
+        return cls.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # diffusers raises many kinds for a truncated or mismatched file
         raise BenchError(f"could not load the UNet in {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}; "
                          "the checkpoint is corrupt or incomplete, re-save or re-download it") from None
