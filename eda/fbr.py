@@ -14,8 +14,8 @@ to_v, to_out.0, so to_out.0 is excluded. A unit with a single quantized layer ha
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

@@ -80,7 +80,7 @@ class EDADM(PTQMethod):
         if self.tdac_batch is not None and self.tdac_batch < 1:
             raise UsageError(f"tdac_batch must be >= 1 or none, got {self.tdac_batch}")
 
-    def resolve_bits(self, bits: str) -> "EDADM":
+    def resolve_bits(self, bits: str) -> EDADM:
         from dataclasses import replace
 
         lr_w, lr_a = lr_for_bits(bits)

@@ -1,6 +1,6 @@
 """Method registry: a PTQ method is data (a frozen dataclass of knobs) registered under a name.
 
-A method = a calibration-set selector (`select`) + a reconstruction recipe (`recipe`: loss, iterations, learning
+A method = a calibration-set selector (`select`) + a reconstruction recipe (`stages`: loss, iterations, learning
 rates, which quantizers learn) + a quantization policy (`policy`). The harness and the CLIs only call
 `get_method(name)`; built-in method modules are imported lazily on the first lookup (`BUILTIN_MODULES`), so a new
 method is one file plus one line in that tuple.
@@ -24,8 +24,9 @@ import dataclasses
 import importlib
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ from bench.errors import UsageError
 # Modules that register the built-in methods, imported on the first registry lookup (one line per method file).
 BUILTIN_MODULES = ("eda.method", "baselines.rtn", "baselines.qdiffusion", "baselines.ptq4dm")
 
-_REGISTRY: dict[str, "Method"] = {}
+_REGISTRY: dict[str, Method] = {}
 _LOADED = False
 
 
@@ -49,7 +50,7 @@ class QuantResult:
 
 @dataclass(frozen=True)
 class Method:
-    """Base of every method. Subclasses add knobs as fields and implement `select`, `recipe` and `policy_kwargs`."""
+    """Base of every method. Subclasses add knobs as fields and implement `quantize` (PTQMethod: `select`, `stages`)."""
 
     name: str = field(default="", compare=False)
     iters_scale: float = 1.0  # multiplies every iteration budget (CPU runs); 1.0 = the official budget
@@ -66,7 +67,7 @@ class Method:
     def family(self) -> str:
         return self.name.split(":")[0]
 
-    def configure(self, model=None, bits: str | None = None, overrides: dict | None = None) -> "Method":
+    def configure(self, model=None, bits: str | None = None, overrides: dict | None = None) -> Method:
         """This method with model defaults, bit-width tables and overrides resolved (see the module docstring)."""
         values: dict[str, Any] = {}
         names = set(self.knob_names())
@@ -103,7 +104,7 @@ class Method:
                                      f"{', '.join(sorted(names))}")
         return {k: v for k, v in out.items() if k in names}
 
-    def resolve_bits(self, bits: str) -> "Method":
+    def resolve_bits(self, bits: str) -> Method:
         """Fill knobs that depend on the bit width (None = take the method's table). Default: nothing to do."""
         return self
 
@@ -113,7 +114,7 @@ class Method:
 
     def scaled(self, iters: int) -> int:
         """An iteration budget times iters_scale (at least 1)."""
-        return max(1, int(round(iters * self.iters_scale)))
+        return max(1, round(iters * self.iters_scale))
 
     # ---- what a method implements ------------------------------------------------------------------------------
     def calibration_request(self, model, overrides: dict | None = None) -> tuple[int, tuple[str, ...]]:

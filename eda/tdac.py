@@ -21,7 +21,7 @@ Each FP trajectory contributes exactly one calibration sample, at the step its (
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from bench.errors import UsageError
 from baselines.ptq4dm import ndtc_pmf, ndtc_steps
+from bench.errors import UsageError
 
 torch.set_num_threads(1)
 
