@@ -221,6 +221,9 @@ def start_ray(address: str | None):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        # Ray starts workers at nice 15; on a shared machine that starves the grid (and distorts its timings).
+        # Ray's own job manager runs submitted jobs' workers at niceness 0 (dashboard/modules/job/job_manager.py).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     return True
 
