@@ -182,11 +182,11 @@ def reference_stats(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 
 def digits_fid(images: torch.Tensor, split: str = "test") -> float:
     """Fréchet distance between the classifier features of `images` and of the digits `split`."""
-    from cleanfid.fid import frechet_distance
+    from bench.metrics import frechet
 
     f = features(images)
     mu, sigma = reference_stats(split)
-    return float(frechet_distance(f.mean(0), np.atleast_2d(np.cov(f, rowvar=False)), mu, sigma))
+    return frechet(f.mean(0), np.atleast_2d(np.cov(f, rowvar=False)), mu, sigma)
 
 
 def coverage_confidence(images: torch.Tensor) -> tuple[float, float]:
