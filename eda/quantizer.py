@@ -23,7 +23,7 @@ from torch import nn
 from eda.policy import check_bits
 
 LP_P = 2.4
-LP_MAX_ELEMS = 1 << 18
+LP_MAX_ELEMS = 1 << 14
 EMA_MOMENTUM = 0.9  # EDA-DM: running = 0.9 * running + 0.1 * new over calibration batches (eda-dm.md §2)
 
 
