@@ -44,8 +44,8 @@ class ReconConfig:
     loss: str = "mse"  # "mse" | "fbr" | "lp"
     gamma: float = 0.8  # FBR weight of the inner-layer terms (--add_loss; CIFAR 0.8)
     p: float = 2.0  # exponent of the "lp" loss
-    qdrop_prob: float = 0.5
-    input_prob: float = 0.5
+    qdrop_prob: float = 0.5  # probability that an activation element keeps its FP value while training (QDrop)
+    input_prob: float = 0.5  # probability that a unit-input element is the quantized one (else the FP one)
     adaround_reg: float | None = None  # EDA-DM: None (loss_mode='none'); Q-Diffusion/BRECQ: 0.01
     b_range: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
@@ -87,7 +87,7 @@ class _Inputs:
                 {k: pick(("k", k), v) for k, v in self.kwargs.items()})
 
 
-def _collect_inputs(model: nn.Module, module: nn.Module, calib: CalibSet, bs: int, device) -> _Inputs:
+def _collect_inputs(model: nn.Module, module: nn.Module, calib: CalibSet, bs: int, device, name: str) -> _Inputs:
     """Run `model` on the calibration set and capture `module`'s call arguments (stopping right there)."""
     chunks: list[tuple[tuple, dict, int]] = []
 
@@ -108,7 +108,7 @@ def _collect_inputs(model: nn.Module, module: nn.Module, calib: CalibSet, bs: in
     finally:
         h.remove()
     if not chunks:
-        raise BenchError(f"unit {type(module).__name__} was never called in a forward pass; cannot reconstruct it")
+        raise BenchError(f"unit {name} was never called in a forward pass of the UNet; cannot reconstruct it")
     out = _Inputs()
     a0, k0, _ = chunks[0]
     for i, v in enumerate(a0):
@@ -132,7 +132,7 @@ def _main_key(inp: _Inputs):
     for k in ("hidden_states", "input_tensor", "sample", "input"):
         if ("k", k) in inp.batched:
             return ("k", k)
-    raise BenchError("could not find the main input tensor of a unit")
+    raise BenchError("could not find the main input tensor (first argument or hidden_states) of a unit")
 
 
 def _first(out):
@@ -200,8 +200,8 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
     inner = list(layers)[:-1] if cfg.loss == "fbr" else []  # FBR: all inner layers but the last (registration)
     q_act = _unit_act_quantizers(unit) if a_on else []
 
-    q_in = _collect_inputs(qmodel, unit.module, calib, cfg.collect_batch_size, device)
-    fp_in = _collect_inputs(fp_unet, fp_unit, calib, cfg.collect_batch_size, device) \
+    q_in = _collect_inputs(qmodel, unit.module, calib, cfg.collect_batch_size, device, unit.name)
+    fp_in = _collect_inputs(fp_unet, fp_unit, calib, cfg.collect_batch_size, device, unit.name) \
         if (cfg.asym or not cfg.cache_targets) else q_in
     if not cfg.asym:
         q_in = fp_in
