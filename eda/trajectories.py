@@ -165,6 +165,12 @@ class _Store:
             self.t = torch.from_numpy(mm)
 
 
+def _spill_dir(spill_dir) -> Path:
+    d = Path(spill_dir) if spill_dir is not None else Path(tempfile.mkdtemp(prefix="eda-traj-"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 @torch.no_grad()
 def record_trajectories(model, n: int, seed: int, feature_modules=(), batch_size: int = 256,
                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -183,8 +189,7 @@ def record_trajectories(model, n: int, seed: int, feature_modules=(), batch_size
     elem = torch.finfo(dtype).bits // 8
     spill: Path | None = None
     if int(np.prod(shape)) * elem > max_bytes:
-        spill = Path(spill_dir) if spill_dir is not None else Path(tempfile.mkdtemp(prefix="eda-traj-"))
-        spill.mkdir(parents=True, exist_ok=True)
+        spill = _spill_dir(spill_dir)
     xs = _Store(shape, dtype, spill, "xs").t
     ts = torch.zeros(S, dtype=torch.long)
     feats: dict[str, torch.Tensor] = {}
@@ -210,15 +215,12 @@ def record_trajectories(model, n: int, seed: int, feature_modules=(), batch_size
         for key, v in pending.items():
             if key not in feats:
                 fshape = (S, n, *v.shape[1:])
-                big = spill is not None or int(np.prod(fshape)) * elem > max_bytes
-                if big and spill is None:
-                    nonlocal_spill = Path(spill_dir) if spill_dir is not None else Path(
-                        tempfile.mkdtemp(prefix="eda-traj-"))
-                    nonlocal_spill.mkdir(parents=True, exist_ok=True)
-                    feats[key] = _Store(fshape, dtype, nonlocal_spill, f"feat{len(feats)}").t
-                else:
-                    feats[key] = _Store(fshape, dtype, spill if big else None, f"feat{len(feats)}").t
-            feats[key][rec.index, rec.offset:rec.offset + v.shape[0]] = v[:b]
+                where = spill
+                if where is None and int(np.prod(fshape)) * elem > max_bytes:
+                    where = _spill_dir(spill_dir)
+                feats[key] = _Store(fshape, dtype, where, f"feat{len(feats)}").t
+            # classifier-free guidance runs [uncond; cond] batches: keep the conditional half
+            feats[key][rec.index, rec.offset:rec.offset + b] = v[-b:]
         pending.clear()
 
     try:
