@@ -257,7 +257,12 @@ def get_quant_state(model: nn.Module) -> tuple[bool, bool]:
 
 
 def unet_kwargs(cond: dict | None) -> dict:
-    return dict(cond) if cond else {}
+    # Conditioning of guided models (bench.zoo) also carries `uncond_<key>` tensors for classifier-free guidance;
+    # they are not UNet arguments. This calibrates on the cond branch; EDA-DM pairs [uncond; cond] per sample,
+    # which bench.models.guided_inputs(x, t, cond) builds.
+    from bench.models import split_guidance
+
+    return split_guidance(cond)[0] if cond else {}
 
 
 @torch.no_grad()
