@@ -4,8 +4,8 @@ scripts sample them.
 | name | weights | sampler (official script) | reference data |
 |---|---|---|---|
 | cifar10-ddim | google/ddpm-cifar10-32 (HF cache) | DDIM 100, eta 0, quad | CIFAR-10 train statistics |
-| lsun-bedroom-ldm4 | CompVis lsun_beds256 .ckpt -> `python -m bench.convert` | DDIM 200, eta 1.0 | LSUN-Bedroom folder |
-| lsun-church-ldm8 | CompVis lsun_churches256 .ckpt -> convert | DDIM 500, eta 0 (Q-Diffusion: 400) | LSUN-Church folder |
+| lsun-bedroom-ldm4 | CompVis lsun_beds256 .ckpt -> `bench.convert` | DDIM 200, eta 1.0 | LSUN-Bedroom folder |
+| lsun-church-ldm8 | CompVis lsun_churches256 .ckpt -> convert | DDIM 500, eta 0 (Q-Diff.: 400) | LSUN-Church folder |
 | imagenet-ldm4 | CompVis cin256-v2 .ckpt -> convert | DDIM 20, eta 0, cfg 3.0 | ImageNet folder |
 | sd-v1-4 | CompVis/stable-diffusion-v1-4 (HF cache) | PLMS 50, cfg 7.5, 512x512 | MS-COCO val2014 captions |
 
