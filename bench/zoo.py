@@ -149,7 +149,7 @@ def _candidates(entry: ZooEntry, model_dir: str | os.PathLike | None) -> list[Pa
 
 def _missing_message(entry: ZooEntry, looked: list[Path]) -> str:
     where = ", ".join(str(p) for p in looked) or f"(no --model-dir, ${ENV_MODELS} unset)"
-    target = f"--model-dir DIR (or ${ENV_MODELS}/{entry.name})"
+    target = f"${ENV_MODELS}/{entry.name} (or a folder passed as model_dir / --model-dir)"
     ckpts = [p for d in looked if d.is_dir() for p in d.glob("*.ckpt")]
     if ckpts:
         return (f"{entry.name}: found {ckpts[0]} but no converted model; run `python -m bench.convert {entry.name} "
@@ -159,7 +159,7 @@ def _missing_message(entry: ZooEntry, looked: list[Path]) -> str:
                 f"Face cache (`huggingface-cli download {entry.hub_id}` with HF_HOME set as when running), or save "
                 f"it with save_pretrained into {target}; looked in {where} and the HF cache")
     return (f"{entry.name} is not available offline: download {entry.ckpt_url}, take model.ckpt and convert it with "
-            f"`python -m bench.convert {entry.name} model.ckpt DIR`, then pass {target}; looked in {where}")
+            f"`python -m bench.convert {entry.name} model.ckpt DIR` with DIR = {target}; looked in {where}")
 
 
 def resolve_model_dir(name: str, model_dir: str | os.PathLike | None = None) -> Path:
