@@ -64,7 +64,6 @@ def test_committed_checkpoint_makes_recognisable_digits():
     from bench import classifier
     from bench.models import load_model
 
-    torch.set_num_threads(2)
     model = load_model("digits-ddpm")
     images, _ = ev.sample_images(model, 64, seed=0, progress=False)
     labels, probs = classifier.predict(images)
