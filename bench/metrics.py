@@ -18,6 +18,8 @@ import hashlib
 import math
 import os
 import re
+import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -211,8 +213,8 @@ def reference_stats(dataset: str, split: str, res: int, extractor: str = "fid-he
         try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except Exception:  # a truncated or foreign file: recompute below
-            pass
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated/foreign: recompute
+            warnings.warn(f"recomputing unreadable reference statistics {path} ({type(e).__name__})", stacklevel=2)
     u8 = _reference_images(dataset, split, res, reference_dir)
     f = image_features(u8, extractor, device, batch_size, progress, desc=f"reference {dataset}/{split}")
     stats = {"mu": f["pool"].mean(0), "sigma": np.cov(f["pool"], rowvar=False), "pool": f["pool"].astype(np.float32),
