@@ -164,3 +164,60 @@ def test_missing_inception_weights_one_line(monkeypatch):
         assert "\n" not in str(e.value)
     finally:
         inception._load.cache_clear()
+
+
+def test_clean_fid_file_layout_gives_logits(tmp_path, monkeypatch):
+    """clean-fid's own file (layers + output) is read through the same code path: a tiny TorchScript stand-in with
+    that layout yields pool, spatial and logits features (the real file needs network to download)."""
+    from torch import nn
+
+    from bench import inception
+
+    class Mixed6(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return x
+
+    class Pool2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, 2048, 1)
+
+        def forward(self, x):
+            return self.proj(x.mean((2, 3), keepdim=True))
+
+    class Layers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name in inception._LAYER_ORDER:
+                setattr(self, name, nn.Identity())
+            self.conv = nn.AdaptiveAvgPool2d(17)
+            self.mixed_6 = Mixed6()
+            self.pool2 = Pool2()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = Layers()
+            self.output = nn.Linear(2048, 1008)
+
+        def forward(self, x):
+            return self.output(self.layers.pool2(x).flatten(1))
+
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(Net()).save(str(path))
+    monkeypatch.setattr(inception, "CLEANFID_WEIGHTS", path)
+    inception._load.cache_clear()
+    try:
+        u8 = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+        f = inception.inception_features(u8, extractor="clean-fid")
+        assert f["pool"].shape == (3, 2048) and f["spatial"].shape == (3, 7 * 17 * 17) and f["logits"].shape == (3, 1008)
+        assert np.isfinite(metrics.inception_score(f["logits"]))
+    finally:
+        inception._load.cache_clear()
+    monkeypatch.setattr(inception, "CLEANFID_WEIGHTS", tmp_path / "absent.pt")
+    with pytest.raises(BenchError, match="clean-fid's Inception weights are missing"):
+        inception.load_inception("clean-fid")
