@@ -21,7 +21,9 @@ Ablations (same knobs, one change each):
 On radius degeneracy: r = 3.0 is an absolute threshold on mean squared feature differences, tuned to the CIFAR
 model's feature scale. On another model it can make every pair of steps "dense" or none; TDAC then allocates by
 diversity alone (eda.tdac). We keep the published default and report `tdac.dense_fraction` in the info so the
-regime is visible; set `radius` explicitly to study it.
+regime is visible; set `radius` explicitly to study it. Measured on digits-ddpm (256 trajectories, DDIM 100 quad):
+pairwise step MSEs span 2e-13..5.7 (median 0.91), so r = 3.0 is *not* degenerate there (81% of step pairs dense,
+D from 23 to 99); n_t ranges 8..14 per step at N = 1024, with V highest at x_T and D peaking near step 20.
 """
 
 from __future__ import annotations
