@@ -245,7 +245,8 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
     row["eval_seconds"] = time.time() - t
     row["info"] = json.dumps({"config": info.get("config"), **{k: v for k, v in info.items() if k != "config"}},
                              default=str, sort_keys=True)
-    row.update(status="ok", error="", total_seconds=time.time() - t0, peak_memory_mb=peak_memory_mb(device))
+    row.update(status="ok", error="", total_seconds=time.time() - t0, peak_memory_mb=peak_memory_mb(device),
+               time=_now())  # when the cell finished
     return row, sample_grid_png(images)
 
 

@@ -205,12 +205,17 @@ def plots(df: pd.DataFrame, agg: pd.DataFrame, grid: str, methods: list[str], me
         # TDAC allocation: calibration samples per step chosen by each method (first seed)
         alloc = d[d["allocation"].map(lambda v: v is not None and len(v) > 0)]
         if len(alloc):
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            for r in alloc.sort_values("seed").drop_duplicates(["method", "bits"]).itertuples():
-                ax.plot(np.asarray(r.allocation), label=f"{r.method} {r.bits}", drawstyle="steps-mid")
-            ax.set(xlabel="sampling step (0 = noisiest)", ylabel="calibration samples",
-                   title=f"{model}: calibration allocation per step")
-            ax.legend(fontsize=7)
+            firsts = alloc.sort_values(["seed"]).drop_duplicates(["method"])  # one panel per method: first seed/bits
+            firsts = firsts.set_index("method").reindex([m for m in methods if m in set(firsts["method"])])
+            fig, axes = plt.subplots(len(firsts), 1, figsize=(6, 1.6 * len(firsts) + 0.6), squeeze=False,
+                                     sharex=True)
+            for ax, (meth, r) in zip(axes[:, 0], firsts.iterrows()):
+                a_ = np.asarray(r["allocation"])
+                ax.bar(np.arange(len(a_)), a_, width=1.0)
+                ax.set_ylabel("samples", fontsize=7)
+                ax.set_title(f"{meth} ({r['bits']}): {int(a_.sum())} calibration samples", fontsize=8)
+            axes[-1, 0].set_xlabel("sampling step (0 = noisiest)")
+            fig.suptitle(f"{model}: calibration samples per step", fontsize=9)
             made += _save(fig, pdir / f"{stem}-allocation")
         made += _sample_figure(d, methods, settings, store_root, pdir / f"{stem}-samples")
     return made
@@ -233,7 +238,7 @@ def _sample_figure(d: pd.DataFrame, methods, settings, store_root: Path, path: P
         return []
     cols = min(len(panels), 6)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (title, img) in zip(axes.flat, panels):
