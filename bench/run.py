@@ -219,7 +219,11 @@ def start_ray(address: str | None):
     if ray.is_initialized():  # e.g. a test session already holds a cluster
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise BenchError(f"could not join the Ray cluster at {address!r} ({str(e).splitlines()[0][:160]}); start "
+                             "one with `ray start --head` or drop --address to run on a local cluster") from None
     else:
         # Ray starts workers at nice 15; on a shared machine that starves the grid (and distorts its timings).
         # Ray's own job manager runs submitted jobs' workers at niceness 0 (dashboard/modules/job/job_manager.py).
