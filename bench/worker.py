@@ -152,11 +152,6 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
     `requests[(model, sampler_json, seed)]` lists the (method, overrides) of every cell of the grid on that model, so
     the shared trajectories cover all methods. Returns counts {"ok", "failed", "crashes", "replaced"}.
     """
-    from bench.cell import failed_row
-
-    pending = Pending()
-    for c in cells:
-        pending.push(c)
     threads = max(int(cpus_per_worker), 1)
 
     def new_actor():
@@ -164,103 +159,113 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
 
     akey = (ray.get_runtime_context().get_job_id(), cpus_per_worker, gpus_per_worker, tuple(imports))
     slots = _actors(max(min(num_workers, len(cells)), 1), akey, new_actor) if cells else []
-    inflight: dict = {}  # ref -> (slot, cell or None for a ping)
-    attempts: dict[str, int] = {}
-    stats = {"ok": 0, "failed": 0, "crashes": 0, "replaced": 0}
-
-    def finish(cell, result, n_attempts):
-        ok = result["row"]["status"] == "ok"
-        stats["ok" if ok else "failed"] += 1
-        on_result(cell, result, n_attempts)
-        if progress:
-            progress.finished(ok, cell.label(), result["row"]["error"])
-
-    def fail_without_running(cell, error, n_attempts):
-        finish(cell, {"row": failed_row(cell, context, error, attempts=n_attempts), "png": None,
-                      "log": error + "\n", "load_error": False}, n_attempts)
-
+    d = Dispatcher(slots, new_actor, requests, context, cache_root, on_result, retries, progress)
     try:
-        _loop(pending, slots, inflight, attempts, stats, requests, context, cache_root, retries, progress, new_actor,
-              finish, fail_without_running)
+        d.run(cells)
     finally:
-        if keep_actors and not inflight:  # the caller owns the cluster (tests, notebooks): reuse warm actors
+        if keep_actors and not d.inflight:  # the caller owns the cluster (tests, notebooks): reuse warm actors
             _KEPT[akey] = slots
         else:
             for slot in slots:
                 ray.kill(slot.actor)
-    return stats
+    return d.stats
 
 
-def _loop(pending, slots, inflight, attempts, stats, requests, context, cache_root, retries, progress, new_actor,
-          finish, fail_without_running):
+class Dispatcher:
     """The driver loop: give idle actors work, collect results as they arrive, re-queue cells of crashed actors."""
-    while len(pending) or inflight:
-        held_by = {s.model for s in slots if s.model}
-        for slot in slots:
+
+    def __init__(self, slots, new_actor, requests, context, cache_root, on_result, retries, progress):
+        self.slots, self.new_actor, self.requests, self.context = slots, new_actor, requests, context
+        self.cache_root, self.on_result, self.retries, self.progress = cache_root, on_result, retries, progress
+        self.pending = Pending()
+        self.inflight: dict = {}  # ref -> (slot, cell, or None for a ping that waits for a restarted actor)
+        self.attempts: dict[str, int] = {}
+        self.stats = {"ok": 0, "failed": 0, "crashes": 0, "replaced": 0}
+
+    def run(self, cells: list[Cell]) -> None:
+        for c in cells:
+            self.pending.push(c)
+        while len(self.pending) or self.inflight:
+            self._submit()
+            if not self.inflight:
+                continue
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+            if self.progress:
+                self.progress.tick()
+            for ref in ready:
+                self._collect(ref)
+
+    def _submit(self) -> None:
+        held_by = {s.model for s in self.slots if s.model}
+        for slot in self.slots:
             if slot.busy:
                 continue
-            cell = pending.take(slot.model, held_by - {slot.model})
+            cell = self.pending.take(slot.model, held_by - {slot.model})
             if cell is None:
                 break
             rkey = (cell.model, _sampler_key(cell.sampler), cell.seed)
-            ref = slot.actor.run.remote(cell.to_dict(), requests.get(rkey, []), context, cache_root)
-            inflight[ref] = (slot, cell)
+            ref = slot.actor.run.remote(cell.to_dict(), self.requests.get(rkey, []), self.context, self.cache_root)
+            self.inflight[ref] = (slot, cell)
             slot.busy, slot.model = True, cell.model
             held_by.add(cell.model)
-            if progress:
-                progress.started()
-        if not inflight:
-            continue
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-        if progress:
-            progress.tick()
-        for ref in ready:
-            slot, cell = inflight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                _on_crash(slot, e, stats, new_actor, counted=cell is not None)
-                if cell is None:  # a ping after a restart: the actor is not back yet, ask again
-                    inflight[slot.actor.ping.remote()] = (slot, None)
-                    slot.busy = True
-                    continue
-                attempts[cell.key] = attempts.get(cell.key, 1) + 1
-                if progress:
-                    progress.requeued()
-                if attempts[cell.key] > retries + 1:
-                    if progress:
-                        progress.started()
-                    fail_without_running(cell, f"worker crashed {attempts[cell.key] - 1} times running this cell "
-                                               f"({type(e).__name__}); see the Ray worker logs", attempts[cell.key] - 1)
-                else:
-                    pending.push(cell, front=True)
-                # wait for the restarted (or replaced) actor before giving it work
-                inflight[slot.actor.ping.remote()] = (slot, None)
-                slot.busy = True
-                continue
-            slot.busy = False
-            if cell is None:
-                continue
-            finish(cell, result, attempts.get(cell.key, 1))
-            if result.get("load_error"):
-                # the model cannot be loaded here (offline, missing weights): fail its other cells now, not one by one
-                slot.model = None
-                for other in pending.drain(cell.model):
-                    if progress:
-                        progress.started()
-                    fail_without_running(other, result["row"]["error"], 0)
+            if self.progress:
+                self.progress.started()
 
+    def _collect(self, ref) -> None:
+        slot, cell = self.inflight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self._crashed(slot, cell, e)
+            return
+        slot.busy = False
+        if cell is None:  # the ping came back: the restarted actor is ready for work
+            return
+        self._finish(cell, result, self.attempts.get(cell.key, 1))
+        if result.get("load_error"):
+            # the model cannot be loaded here (offline, missing weights): fail its other cells now, not one by one
+            slot.model = None
+            for other in self.pending.drain(cell.model):
+                self._fail_without_running(other, result["row"]["error"], 0)
 
-def _on_crash(slot: Slot, e: Exception, stats: dict, new_actor, counted: bool = True):
-    """An actor died mid-call. Ray restarts it (max_restarts); once restarts run out, replace it (bounded)."""
-    stats["crashes"] += int(counted)
-    slot.model = None
-    if isinstance(e, ray.exceptions.ActorDiedError) and not isinstance(e, ray.exceptions.ActorUnavailableError):
-        if slot.replacements >= MAX_REPLACEMENTS:
-            raise RuntimeError(f"a Ray worker died {MAX_REPLACEMENTS} times over; giving up ({e})") from None
-        slot.actor = new_actor()
-        slot.replacements += 1
-        stats["replaced"] += 1
+    def _crashed(self, slot: Slot, cell: Cell | None, e: Exception) -> None:
+        """The actor died mid-call. Ray restarts it (max_restarts); once restarts run out, replace it (bounded).
+        The cell is re-queued until it has crashed `retries + 1` times, then recorded as failed."""
+        self.stats["crashes"] += int(cell is not None)
+        slot.model = None
+        if isinstance(e, ray.exceptions.ActorDiedError) and not isinstance(e, ray.exceptions.ActorUnavailableError):
+            if slot.replacements >= MAX_REPLACEMENTS:
+                raise RuntimeError(f"a Ray worker died {MAX_REPLACEMENTS} times over; giving up ({e})") from None
+            slot.actor = self.new_actor()
+            slot.replacements += 1
+            self.stats["replaced"] += 1
+        if cell is not None:
+            n = self.attempts[cell.key] = self.attempts.get(cell.key, 1) + 1
+            if self.progress:
+                self.progress.requeued()
+            if n > self.retries + 1:
+                self._fail_without_running(cell, f"worker crashed {n - 1} times running this cell "
+                                                 f"({type(e).__name__}); see the Ray worker logs", n - 1)
+            else:
+                self.pending.push(cell, front=True)
+        # give the restarted (or replaced) actor work only once it answers
+        self.inflight[slot.actor.ping.remote()] = (slot, None)
+        slot.busy = True
+
+    def _finish(self, cell: Cell, result: dict, attempts: int) -> None:
+        ok = result["row"]["status"] == "ok"
+        self.stats["ok" if ok else "failed"] += 1
+        self.on_result(cell, result, attempts)
+        if self.progress:
+            self.progress.finished(ok, cell.label(), result["row"]["error"])
+
+    def _fail_without_running(self, cell: Cell, error: str, attempts: int) -> None:
+        from bench.cell import failed_row
+
+        if self.progress:
+            self.progress.started()
+        self._finish(cell, {"row": failed_row(cell, self.context, error, attempts=attempts), "png": None,
+                            "log": error + "\n", "load_error": False}, attempts)
 
 
 def _sampler_key(sampler) -> str:
