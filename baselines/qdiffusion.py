@@ -8,9 +8,9 @@
 - Activations: then the step sizes alone (LSQ, zero point fixed) with weights and activations on: Adam lr 4e-4,
   cosine to 0, L_p loss with p = 2.4, 5000 iterations, batch 32, `asym=False` (FP block inputs).
 - Policy: asymmetric per-channel weights, symmetric per-tensor activations (`--a_sym`), shortcut split on (`--split`),
-  every layer at the same bits (no first/last 8-bit exception), min-max ('max') ranges as the DDIM script, softmax
-  output at 8 bit. The network output conv input stays unquantized (a shared-core policy default; Q-Diffusion
-  quantizes it; set quantize_output_input in the policy if needed).
+  every layer at the same bits and every layer input quantized, the output conv's included (no first/last 8-bit
+  exception, no `disable_network_output_quantization`; baselines.md §1.8), min-max ('max') ranges as the DDIM
+  script, softmax output at 8 bit.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class QDiffusion(PTQMethod):
     w_symmetric: bool = False
     a_symmetric: bool = True
     first_last_8bit: bool = False
+    quantize_output_input: bool = True
     w_init: str = "minmax"
     a_init: str = "minmax"
     # activation ranges from the first quantized forward on 64 random calibration samples (DDIM script, no

@@ -162,11 +162,12 @@ class PTQMethod(Method):
     a_init: str = "lp"
     softmax_bits: int = 8
     quantize_attention: bool = True
+    quantize_output_input: bool = False  # official EDA-DM/PTQ4DM: input of the network's output conv stays FP
     init_batch: int = 256  # batch of the activation range initialisation (CIFAR scripts: 256)
     init_samples: int | None = None  # calibration samples (seeded random subset) for range init; None = all
 
     POLICY_KNOBS = ("first_last_8bit", "split_shortcut", "w_symmetric", "a_symmetric", "w_init", "a_init",
-                    "softmax_bits", "quantize_attention")
+                    "softmax_bits", "quantize_attention", "quantize_output_input")
 
     def validate(self) -> None:
         super().validate()
