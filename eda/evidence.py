@@ -183,8 +183,11 @@ def page(r: dict, args) -> str:
            f"--calib {args.calib} --n-traj {args.n_traj} --n-eval {args.n_eval} --seed {args.seed} "
            f"--threads {args.threads}" + (f" --steps {args.steps}" if args.steps else ""))
     rs = r["recon_seconds"]
-    rows = "\n".join(f"| {k} | {r['mean_step_mse'][k]:.3g} | {max(r['per_step_mse'][k]):.3g} | "
-                      f"{r['sample_mse_vs_fp'][k]:.3g} |" for k in r["mean_step_mse"])
+    def half(v):  # the noisier half of the steps, where the last steps' large errors do not dominate the mean
+        return sum(v[: len(v) // 2]) / max(len(v) // 2, 1)
+
+    rows = "\n".join(f"| {k} | {r['mean_step_mse'][k]:.3g} | {half(r['per_step_mse'][k]):.3g} | "
+                      f"{max(r['per_step_mse'][k]):.3g} | {r['sample_mse_vs_fp'][k]:.3g} |" for k in r["mean_step_mse"])
     sizes = r["packed_size_mb"]
     units = r["units"]
     better = sum(u.get("mse_after", 0) < u.get("mse_before", 0) for u in units.values())
@@ -206,8 +209,8 @@ warm-up; on because of the short budget, EDA-DM leaves it off), learned activati
 
 Teacher-forced: at every step the FP x_t goes to both UNets; MSE over all elements.
 
-| model | mean MSE over steps | max MSE over steps | sample MSE vs FP samples (same noise) |
-|---|---|---|---|
+| model | mean MSE over steps | mean over the noisier half | max MSE over steps | sample MSE vs FP (same noise) |
+|---|---|---|---|---|
 {rows}
 
 ![per-step MSE](quant-core/per_step_mse.png)
@@ -239,6 +242,16 @@ the same in both modes; the official code would also run a third block forward p
 | W4A8 | {sizes['W4A8']['fp32']:.3f} | {sizes['W4A8']['packed']:.3f} | {sizes['W4A8']['nominal']:.3f} |
 
 Other timings (s): {', '.join(f"{k} {v:.1f}" for k, v in r['timings'].items())}.
+
+## Caveats
+
+- {"The sampler was shortened to " + str(args.steps) + " steps (`--steps`) to fit a CPU run; the model's own "
+   "setting is in its bench.json." if args.steps else "The model's own sampler setting was used."}
+- {r['recon']['iters']} iterations per unit is a smoke-level budget (EDA-DM: 1000-5000, Q-Diffusion: 20000); the
+  numbers show the machinery works end to end, not the papers' accuracy.
+- Wall times were measured on a shared machine whose cores were busy with other jobs; the ratio of the two modes,
+  measured back to back in one process, is the meaningful number.
+- Per-unit details (kind, seconds, output MSE before/after, first/last loss) are in `quant-core/evidence.json`.
 """
 
 
