@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 
 def write_card(model, path: Path, n: int, seed: int, metrics: dict, metrics_train: dict, floor: dict,
-               seconds: float, images: torch.Tensor, command: str, threads: int) -> Path:
+               seconds: float, images: torch.Tensor, command: str, threads: int, load: float | None = None) -> Path:
     """The model card page: training facts from bench.json, loss curve, metrics, floor, sample grid, timings."""
     import matplotlib
 
@@ -152,7 +154,8 @@ def write_card(model, path: Path, n: int, seed: int, metrics: dict, metrics_trai
         *([notes.read_text().strip(), ""] if notes.is_file() else []),
         (f"Sampling wall time: {seconds:.1f} s for {n} images on CPU ({threads} torch thread(s), "
          f"{platform.processor() or platform.machine()}, batch {min(n, 256)}, {model.sampler.steps} UNet calls per "
-         f"image), i.e. {1000 * seconds / n:.0f} ms per image."),
+         f"image, i.e. {1000 * seconds / n:.0f} ms per image"
+         + (f"; 1-minute load average {load:.1f} when sampling ended)." if load is not None else ").")),
         "",
         f"Regenerate this page: `{command}`",
         "",
@@ -210,6 +213,7 @@ def main(argv=None):
     model = load_model(args.model, device=args.device)
     cfg = _sampler(args, model)
     images, seconds = sample_images(model, args.n, args.seed, cfg, args.batch_size, args.device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # CPU timings mean little on a busy machine
     print(f"{model.name}: sampled {args.n} images ({cfg.describe()}, seed {args.seed}) in {seconds:.1f}s "
           f"({1000 * seconds / args.n:.0f} ms/image, {args.device}, {args.threads} thread(s))")
     if args.out:
@@ -228,9 +232,9 @@ def main(argv=None):
         metrics_train = evaluate(images, "digits", metrics, **kw)
         floor = evaluate(load_digits_split("test", model.sample_shape[-1])[0], "digits", metrics, **kw)
         print(f"floor: held-out vs train:\n{format_metrics(floor)}")
-        command = "python -m bench.evaluate " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        command = "python -m bench.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
         path = write_card(model, args.card, args.n, args.seed, result, metrics_train, floor, seconds, images,
-                          command, args.threads)
+                          command, args.threads, load)
         print(f"wrote {path}")
     return result
 

@@ -71,3 +71,17 @@ def test_committed_checkpoint_makes_recognisable_digits():
     assert len(set(labels.tolist())) == 10, f"classes covered: {sorted(set(labels.tolist()))}"
     assert conf.mean() > 0.9, f"mean confidence {conf.mean():.3f}"
     assert (conf > 0.8).float().mean() > 0.85
+
+
+def test_write_card_tiny(tmp_path):
+    """The card writer on a tiny model with made-up metrics: markdown table, sample grid, timing line."""
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model(steps=2)
+    images = torch.rand(8, 1, 8, 8) * 2 - 1
+    m = {"fid": 12.3, "kid": 0.01, "is": float("nan"), "digits_fid": 4.5, "digits_coverage": 0.9}
+    path = ev.write_card(model, tmp_path / "tiny.md", 8, 0, m, m, m, 1.5, images, "python -m bench.evaluate", 1,
+                         load=3.0)
+    text = path.read_text()
+    assert "| FID (Inception) | 12.300 |" in text and "Inception Score is n/a" in text
+    assert "load average 3.0" in text and (tmp_path / "tiny-samples.png").is_file()
