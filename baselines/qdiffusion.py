@@ -80,7 +80,8 @@ class QDiffusion(PTQMethod):
 
         w = ReconConfig(iters=self.scaled(self.iters), batch_size=self.batch_size, lr_w=self.lr_w, lr_a=0.0,
                         loss="mse", qdrop_prob=0.0, input_prob=1.0, adaround_reg=self.adaround_reg, b_range=(20, 2),
-                        warmup=self.warmup, learn_weights=True, learn_act_delta=False, asym=True, seed=seed)
+                        warmup=self.warmup, learn_weights=True, learn_act_delta=False, asym=True, seed=seed,
+                        lr_schedule="constant")
         a = ReconConfig(iters=self.scaled(self.iters_a), batch_size=self.batch_size, lr_w=0.0, lr_a=self.lr_a,
                         loss="lp", p=self.p, qdrop_prob=0.0, input_prob=1.0, adaround_reg=None,
                         learn_weights=False, learn_act_delta=True, asym=False, seed=seed)

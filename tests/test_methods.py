@@ -193,3 +193,15 @@ def test_quantize_is_seeded(model, trajectories):
     with torch.no_grad():
         assert torch.equal(a.unet(x, t).sample, b.unet(x, t).sample)
     assert a.info["allocation"] == b.info["allocation"]
+
+
+def test_qdiffusion_learning_rate_schedules_follow_the_official_code():
+    # BRECQ/Q-Diffusion AdaRound weight stage: Adam at 1e-3 with no scheduler; activation stage: cosine to 0.
+    from eda.recon import ReconConfig
+    from eda.registry import get_method
+
+    w, a = get_method("qdiffusion").configure(bits="W4A8").stages("W4A8", seed=0)
+    assert (w.config.lr_schedule, w.config.lr_w) == ("constant", 1e-3)
+    assert (a.config.lr_schedule, a.config.lr_a) == ("cosine", 4e-4)
+    with pytest.raises(UsageError, match="lr_schedule"):
+        ReconConfig(lr_schedule="step")
