@@ -160,6 +160,13 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu") ->
                 except KeyError as e:
                     raise mismatch(f"missing tensor {e.args[0]}") from None
                 numel = math.prod(shape)
+                # the codes' length and dtype follow from the bit width (_pack); a config edited to other bits
+                # would otherwise unpack silently into wrong weights
+                want = (math.ceil(numel / 2), torch.uint8) if part["bits"] <= 4 else \
+                    (numel, torch.uint8 if part["bits"] <= 8 else torch.int16)
+                if (packed.numel(), packed.dtype) != want:
+                    raise mismatch(f"layer {name} is {part['bits']}-bit in the config but its stored codes are "
+                                   f"{packed.numel()} x {packed.dtype}")
                 codes = _unpack(packed, part["bits"], numel).float().reshape(shape)
                 q = getattr(layer, qname)
                 q.set_bits(part["bits"])
