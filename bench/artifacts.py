@@ -42,6 +42,35 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def _safe_globals() -> list:
+    """The classes a cached artifact may hold besides tensors: trajectories (with their sampler), and the numpy
+    arrays/memmaps of trajectories spilled to disk. Nothing else is unpickled."""
+    import numpy as np
+
+    from bench.sampling import SamplerConfig
+    from eda.trajectories import CalibSet, Trajectories
+
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    return [Trajectories, CalibSet, SamplerConfig, np.ndarray, np.memmap, np.dtype, *dtypes,
+            core.multiarray._reconstruct]
+
+
+def _safe_load(path: Path) -> Any:
+    """torch.load with weights_only=True (issue 7, 2d): a shared $EDA_BENCH_CACHE may be written by someone else,
+    so never an unrestricted pickle; only the allowlisted artifact classes are rebuilt."""
+    import pickle
+
+    from bench.errors import BenchError
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BenchError(f"cached artifact {path} holds objects outside the allowed artifact types "
+                         f"({str(e).splitlines()[-1][:120]}); delete it and it is recomputed") from None
+
+
 class ArtifactCache:
     """get(kind, spec, compute): the artifact for `spec` from memory, else disk, else `compute()` (then stored)."""
 
@@ -65,7 +94,7 @@ class ArtifactCache:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a second actor waits here while the first computes
             try:
                 if path.is_file():
-                    obj = torch.load(path, weights_only=False)
+                    obj = _safe_load(path)
                     self.hits["disk"] += 1
                 else:
                     obj = compute()
