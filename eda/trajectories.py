@@ -210,6 +210,11 @@ def record_trajectories(model, n: int, seed: int, feature_modules=(), batch_size
 
     def on_step(rec: StepRecord):
         b = rec.x_t.shape[0]
+        # a NaN/inf here would surface later as a "diverged" reconstruction with a misleading hint; name the cause
+        if rec.eps is not None and not bool(torch.isfinite(rec.eps).all()):
+            raise BenchError(f"the full-precision model {model.name} predicts non-finite noise (NaN/inf) at sampling "
+                             f"step {rec.index} (t={int(rec.t)}); its weights hold NaN/inf or overflow: check or "
+                             "re-download the checkpoint")
         xs[rec.index, rec.offset:rec.offset + b] = rec.x_t.detach().to("cpu", dtype)
         ts[rec.index] = rec.t
         for key, v in pending.items():
