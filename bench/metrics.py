@@ -182,7 +182,7 @@ def _reference_images(dataset: str, split: str, res: int, reference_dir: str | o
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
     if not files:
         raise BenchError(f"no reference images for {dataset} (split {split!r}) in {folder}; put the image files "
-                         f"(PNG/JPEG) there, set EDA_BENCH_DATA, or pass reference_dir=")
+                         f"(PNG/JPEG) there, set EDA_BENCH_DATA, or pass --reference-dir (reference_dir=)")
     from PIL import Image
 
     out = []
