@@ -40,12 +40,12 @@ def run_cli(module: str, *argv: str, env: dict | None = None, timeout: int = 120
 
 def one_error_line(err: str) -> str:
     """The stderr of a failed CLI: no traceback, and exactly one line starting with 'error: ', the last one (stage
-    lines such as bench.quantize's '[1/3] recording ...' may come before it)."""
+    lines such as bench.quantize's '[1/3] recording ...' and progress bars may come before it)."""
     assert "Traceback" not in err, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], err
-    assert all(re.match(r"\[\d/\d\] ", ln) for ln in lines[:-1]), err
+    assert all(re.match(r"\[\d/\d\] ", ln) or "%|" in ln for ln in lines[:-1]), err
     return errors[0]
 
 
@@ -232,6 +232,25 @@ def test_paper_model_offline_subprocess(tmp_path):
     line = one_error_line(err)
     assert code == 1 and "google/ddpm-cifar10-32" in line and "EDA_BENCH_MODELS" in line
     assert not (tmp_path / "q").exists()
+
+
+def test_missing_reference_statistics_offline(model_dir, tmp_path, monkeypatch, capsys):
+    """FID against a dataset whose reference images/statistics are not here: one line naming the folder and the
+    variable to set (exit 1), after sampling, not a traceback from the extractor."""
+    from bench.evaluate import main
+
+    d = tmp_path / "cifar-like"
+    d.mkdir()
+    (d / "unet").symlink_to(model_dir / "unet")
+    meta = json.loads((model_dir / "bench.json").read_text())
+    (d / "bench.json").write_text(json.dumps({**meta, "dataset": "cifar10"}))
+    monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
+    code, line = call(main, ["--model", str(d), "--n", "2", "--steps", "2", "--metrics", "fid", "--threads", "1"],
+                      capsys)
+    assert code == 1 and "no reference images for cifar10" in line and "EDA_BENCH_DATA" in line
+    assert "--reference-dir" in line
+    assert str(tmp_path / "data") in line
 
 
 # ---- metrics and reconstruction -----------------------------------------------------------------------------------
