@@ -344,3 +344,22 @@ def test_local_ray_cluster_has_no_dashboard():
     # Ray's token authentication is never switched off by the harness
     for f in _sources():
         assert "RAY_AUTH_MODE" not in f.read_text() or "disabled" not in f.read_text(), f
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty-dir", "no-weights"])
+def test_damaged_diffusers_directory(model_dir, damage, capsys, tmp_path):
+    """A plain diffusers UNet directory (not a quantized one) that is truncated, empty or lacks its weights."""
+    from bench.sample import main
+
+    d = tmp_path / "m"
+    d.mkdir()
+    if damage != "empty-dir":
+        _copy(model_dir / "unet", d / "unet")
+        (d / "bench.json").write_text((model_dir / "bench.json").read_text())
+        w = next((d / "unet").glob("*.safetensors"))
+        if damage == "truncate":
+            w.write_bytes(w.read_bytes()[: w.stat().st_size // 3])
+        else:
+            w.unlink()
+    code, line = call(main, ["--model", str(d), "--n", "2", "--out", str(tmp_path / "g.png"), "--quiet"], capsys)
+    assert code == 1 and str(d) in line and ("re-save" in line or "save_pretrained" in line)
