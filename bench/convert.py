@@ -317,7 +317,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", choices=sorted(PRESETS), help="which paper model the checkpoint is")
     ap.add_argument("ckpt", help="the original model.ckpt")
-    ap.add_argument("out_dir", help="output folder (then pass it as --model-dir or put it in $EDA_BENCH_MODELS/)")
+    ap.add_argument("out_dir", help="output folder (then put it in $EDA_BENCH_MODELS/<name>/, or pass it to "
+                                    "load_model(..., model_dir=))")
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA copy")
     args = ap.parse_args(argv)
     out = convert(args.ckpt, args.out_dir, args.model, use_ema=not args.no_ema)

@@ -9,7 +9,7 @@ scripts sample them.
 | imagenet-ldm4 | CompVis cin256-v2 .ckpt -> convert | DDIM 20, eta 0, cfg 3.0 | ImageNet folder |
 | sd-v1-4 | CompVis/stable-diffusion-v1-4 (HF cache) | PLMS 50, cfg 7.5, 512x512 | MS-COCO val2014 captions |
 
-Where a model is looked for, first hit wins: the `model_dir` argument (`--model-dir`; the folder itself or its
+Where a model is looked for, first hit wins: the `model_dir` argument of `load_model` (the folder itself or its
 `<name>/` subfolder), then `$EDA_BENCH_MODELS/<name>`, then the hub id in the local Hugging Face cache (`HF_HOME`;
 never the network). A model folder is diffusers `save_pretrained` layout: `unet/` plus `vqvae/` or `vae/` (LDMs),
 `class_embedder/` (ImageNet), `text_encoder/` + `tokenizer/` (SD), and an optional `bench.json`.
@@ -148,8 +148,8 @@ def _candidates(entry: ZooEntry, model_dir: str | os.PathLike | None) -> list[Pa
 
 
 def _missing_message(entry: ZooEntry, looked: list[Path]) -> str:
-    where = ", ".join(str(p) for p in looked) or f"(no --model-dir, ${ENV_MODELS} unset)"
-    target = f"${ENV_MODELS}/{entry.name} (or a folder passed as model_dir / --model-dir)"
+    where = ", ".join(str(p) for p in looked) or f"(no model_dir, ${ENV_MODELS} unset)"
+    target = f"${ENV_MODELS}/{entry.name} (or a folder passed as load_model(..., model_dir=...))"  # no CLI flag
     ckpts = [p for d in looked if d.is_dir() for p in d.glob("*.ckpt")]
     if ckpts:
         return (f"{entry.name}: found {ckpts[0]} but no converted model; run `python -m bench.convert {entry.name} "
