@@ -124,7 +124,7 @@ def test_unknown_method(capsys, tmp_path):
     assert code == 2 and "nope" in line and "eda-dm" in line
 
 
-@pytest.mark.parametrize("bits", ["W4", "W1A8", "W17A8", "A8W4", "W4A"])
+@pytest.mark.parametrize("bits", ["W4", "W1A8", "W17A8", "W4A1", "W4A17", "A8W4", "W4A"])
 def test_bad_bits_quantize(bits, capsys, tmp_path):
     from bench.quantize import main
 
@@ -231,6 +231,7 @@ def test_paper_model_offline_subprocess(tmp_path):
                         str(tmp_path / "q"), "--quiet", env=env)
     line = one_error_line(err)
     assert code == 1 and "google/ddpm-cifar10-32" in line and "EDA_BENCH_MODELS" in line
+    assert "--model-dir" not in line  # no CLI has such a flag
     assert not (tmp_path / "q").exists()
 
 
