@@ -64,3 +64,17 @@ def tiny_model():
 @pytest.fixture
 def tiny_cond_model():
     return make_tiny_model(cond=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny diffusers UNet directory with a bench.json (loadable by bench.models.load_model, 4-step DDIM)."""
+    import json
+
+    from tests.test_methods import tiny_unet
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_unet().save_pretrained(d / "unet")
+    (d / "bench.json").write_text(json.dumps({"name": "tiny", "dataset": "digits",
+                                              "sampler": {"kind": "ddim", "steps": 4, "eta": 0.0, "skip": "uniform"}}))
+    return d

@@ -59,18 +59,6 @@ def call(main, argv, capsys) -> tuple[int, str]:
 # ---- tiny model directory and saved quantized checkpoints ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A diffusers UNet directory with a bench.json (loadable by bench.models.load_model, 4-step sampler)."""
-    from tests.test_methods import tiny_unet
-
-    d = tmp_path_factory.mktemp("tiny-model")
-    tiny_unet().save_pretrained(d / "unet")
-    (d / "bench.json").write_text(json.dumps({"name": "tiny", "dataset": "digits",
-                                              "sampler": {"kind": "ddim", "steps": 3, "eta": 0.0, "skip": "uniform"}}))
-    return d
-
-
-@pytest.fixture(scope="module")
 def qdir(model_dir, tmp_path_factory):
     """A quantized W8A8 model saved with eda.checkpoint.save_quantized whose metadata points at model_dir."""
     from eda.checkpoint import save_quantized

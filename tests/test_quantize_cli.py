@@ -1,6 +1,5 @@
 """bench.quantize / bench.sample: a round trip on a tiny model saved to a temp dir, and one-line usage errors."""
 
-import json
 
 import pytest
 import torch
@@ -10,17 +9,6 @@ from bench.quantize import main as quantize_main
 from bench.sample import main as sample_main
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tests.test_methods import tiny_unet
-
-    d = tmp_path_factory.mktemp("tiny-model")
-    tiny_unet().save_pretrained(d / "unet")
-    (d / "bench.json").write_text(json.dumps({"name": "tiny", "dataset": "digits",
-                                              "sampler": {"kind": "ddim", "steps": 4, "eta": 0.0, "skip": "uniform"}}))
-    return d
 
 
 def _exit_code(fn, argv):
