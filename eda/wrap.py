@@ -112,7 +112,9 @@ class QuantAttnProcessor(nn.Module):
     def __init__(self, fp_processor, policy: BitPolicy):
         super().__init__()
         object.__setattr__(self, "fp_processor", fp_processor)  # not a submodule: it holds no parameters
-        mk = lambda: UniformQuantizer(policy.a_bits, policy.a_symmetric, init=policy.a_init)
+        def mk():
+            return UniformQuantizer(policy.a_bits, policy.a_symmetric, init=policy.a_init)
+
         self.q_quantizer, self.k_quantizer, self.v_quantizer = mk(), mk(), mk()
         self.softmax_quantizer = UniformQuantizer(policy.softmax_bits, symmetric=True, unsigned=True,
                                                   init=policy.a_init)

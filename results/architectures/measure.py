@@ -14,7 +14,6 @@ unless --warmup) on a shared machine, reported as CPU and wall seconds; treat th
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import time
