@@ -7,7 +7,6 @@ the method is looked up by name in eda.registry, never imported directly.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -117,21 +116,9 @@ def eps_mse_per_step(model, qunet, traj, batch_size: int, device: str, k: int = 
 
 def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
     """The first n images (in [-1, 1]) as one PNG grid."""
-    from PIL import Image
+    from bench.images import grid_png
 
-    from bench.data import to_uint8_rgb
-
-    x = to_uint8_rgb(images[:n].float())
-    cols = int(math.ceil(math.sqrt(len(x))))
-    rows = int(math.ceil(len(x) / cols))
-    _, c, h, w = x.shape
-    canvas = torch.full((c, rows * (h + 2) + 2, cols * (w + 2) + 2), 255, dtype=torch.uint8)
-    for i, img in enumerate(x):
-        r, q = divmod(i, cols)
-        canvas[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = img
-    buf = io.BytesIO()
-    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(buf, format="PNG")
-    return buf.getvalue()
+    return grid_png(images[:n])
 
 
 VS_FP = ("fid_vs_fp", "digits_fid_vs_fp")  # harness-level metric names: distances to the FP samples (same seed)

@@ -47,16 +47,11 @@ def sample_images(model, n: int, seed: int = 0, sampler: SamplerConfig | None = 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 16, scale: int = 4) -> Path:
     """Images in [-1, 1] -> a PNG grid, each image upscaled `scale` times (nearest) so 16x16 digits are visible."""
-    from PIL import Image
-    from torchvision.utils import make_grid
+    from bench.images import grid_image
 
-    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=0.5)
-    arr = (grid * 255).round().byte().permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    grid_image(images, nrow=nrow, scale=scale, pad=scale, pad_value=128).save(path)
     return path
 
 

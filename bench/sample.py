@@ -68,26 +68,13 @@ def load_for_sampling(name_or_dir: str, device: str = "cpu"):
 
 def save_grid(images, path: str, nrow: int | None = None, scale: int | None = None) -> tuple[int, int]:
     """Images in [-1, 1] [N, C, H, W] -> one PNG grid with 2-px gaps; returns the PNG size (w, h)."""
-    import numpy as np
-    from PIL import Image
+    from bench.images import grid_image
 
-    from bench.data import to_uint8_rgb
-
-    x = to_uint8_rgb(images).permute(0, 2, 3, 1).numpy()  # N, H, W, 3
-    n, h, w, _ = x.shape
-    scale = scale or max(1, math.ceil(64 / max(h, w)))
-    x = x.repeat(scale, axis=1).repeat(scale, axis=2)
-    h, w = h * scale, w * scale
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    pad = 2
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = x[i]
+    scale = scale or max(1, math.ceil(64 / max(images.shape[-2:])))
+    img = grid_image(images, nrow=nrow, scale=scale)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return grid.shape[1], grid.shape[0]
+    img.save(path)
+    return img.size
 
 
 @cli_main
