@@ -207,17 +207,3 @@ def apply_overrides(grid: Grid, samples: int | None = None, seeds: list[int] | N
             b["bits"] = bits
         blocks.append(b)
     return replace(grid, models=blocks, cli_overrides={**grid.cli_overrides, **(sets or {})})
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """['iters_scale=0.1', 'loss=fbr'] -> {'iters_scale': 0.1, 'loss': 'fbr'} (values parsed as TOML when possible)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"bad --set {item!r}; expected key=value, e.g. --set iters_scale=0.1")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = tomllib.loads(f"v = {v}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[k.strip()] = v
-    return out

@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.errors import BenchError, UsageError, cli_main
-from bench.grid import FP_METHOD, Cell, Grid, apply_overrides, available_grids, load_grid, parse_set
+from bench.grid import FP_METHOD, Cell, Grid, apply_overrides, available_grids, load_grid
+from eda.registry import parse_overrides
 
 DEFAULT_GRID = "smoke"
 
@@ -74,7 +75,7 @@ def plan(args) -> Grid:
         raise UsageError(f"--samples must be >= 1, got {args.samples}")
     return apply_overrides(grid, samples=args.samples, seeds=seeds, methods=_csv(args.methods),
                            bits=[b.upper() for b in _csv(args.bits)] if args.bits else None,
-                           models=_csv(args.models), sets=parse_set(args.sets))
+                           models=_csv(args.models), sets=parse_overrides(args.sets))
 
 
 def check_metrics(grid: Grid) -> None:

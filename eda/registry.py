@@ -277,14 +277,21 @@ def get_method(name: str) -> Method:
 
 
 # ---- override parsing ----------------------------------------------------------------------------------------------
-def parse_overrides(items: list[str] | None) -> dict[str, str]:
-    """['iters=100', 'lam=1.0'] -> {'iters': '100', 'lam': '1.0'} (values are coerced per knob later)."""
-    out: dict[str, str] = {}
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """['iters=100', 'loss=fbr'] -> {'iters': 100, 'loss': 'fbr'}: values parsed as TOML when they parse (so a
+    `--set` and the same key in a grid file give the same typed value), else kept as strings; either way they are
+    coerced to each knob's type by `configure`."""
+    import tomllib
+
+    out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"bad --set {item!r}; expected key=value, e.g. --set iters_scale=0.01")
-        out[key.strip()] = value.strip()
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
     return out
 
 

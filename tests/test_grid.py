@@ -3,7 +3,8 @@
 import pytest
 
 from bench.errors import UsageError
-from bench.grid import Cell, apply_overrides, available_grids, load_grid, parse_bits, parse_set
+from bench.grid import Cell, apply_overrides, available_grids, load_grid, parse_bits
+from eda.registry import parse_overrides
 
 GRID = """
 name = "g"
@@ -67,7 +68,7 @@ def test_cell_keys_are_stable_and_distinct(grid_file):
 
 def test_command_line_overrides(grid_file):
     g = apply_overrides(load_grid(str(grid_file)), samples=3, seeds=[5], methods=["test-ok"], bits=["W6A6"],
-                        models=["test-tiny"], sets=parse_set(["noise=0.3", "loss=fbr"]))
+                        models=["test-tiny"], sets=parse_overrides(["noise=0.3", "loss=fbr"]))
     cells = g.cells()
     assert [(c.model, c.method, c.bits, c.seed, c.samples) for c in cells] == [("test-tiny", "test-ok", "W6A6", 5, 3)]
     assert cells[0].overrides == {"iters_scale": 0.5, "noise": 0.3, "loss": "fbr"}  # --set wins over the grid
