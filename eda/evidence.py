@@ -15,13 +15,13 @@ import argparse
 import copy
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from bench.errors import cli_main
+from bench.run import git_commit
 from eda.checkpoint import packed_size_mb
 from eda.policy import BitPolicy
 from eda.recon import ReconConfig, reconstruct
@@ -69,14 +69,6 @@ def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
     from torchvision.utils import make_grid
 
     return make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run(args) -> dict:
@@ -137,7 +129,7 @@ def run(args) -> dict:
                                                                        "loss_last": r["losses"][-1] if r["losses"]
                                                                        else None}
                   for u, r in reports[True]["units"].items()},
-        "commit": _git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+        "commit": (git_commit() or "unknown")[:12], "torch": torch.__version__, "python": platform.python_version(),
     }
     (out_dir / "evidence.json").write_text(json.dumps(result, indent=1))
     render(result, samples, args)
