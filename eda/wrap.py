@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from eda.trajectories import CalibSet
 
 
+# Inference (no autograd) reuses a layer's fake-quantized weight until the weight or its quantizer changes. Costs one
+# extra copy of the UNet's weights in memory; set False to trade that memory back for time.
+CACHE_QUANT_WEIGHTS = True
+
+
 class QuantLayer(nn.Module):
     """A Conv2d/Linear with weight and input-activation fake-quantizers; `split` > 0 quantizes the input-channel
     groups [:split] and [split:] separately (weight_quantizer/act_quantizer and weight_quantizer_0/act_quantizer_0)."""
@@ -37,6 +42,7 @@ class QuantLayer(nn.Module):
         self.use_weight_quant = True
         self.use_act_quant = True
         self.act_allowed = True  # False for the network-output conv when quantize_output_input is off
+        self._wq_cache: tuple | None = None  # (key, fake-quantized weight) for inference, see quantized_weight
 
         def wq():
             return UniformQuantizer(w_bits, policy.w_symmetric, channel_wise=True, init=policy.w_init)
@@ -77,7 +83,29 @@ class QuantLayer(nn.Module):
             if isinstance(q, UniformQuantizer):
                 q.init_from(w[:, sl], method)
 
+    def _weight_key(self) -> tuple:
+        """Everything the fake-quantized weight depends on: the identity, storage and in-place version of the weight
+        and of every quantizer tensor (an optimiser step bumps `_version`, `init_from` swaps storage), plus the
+        quantizers' scalar settings (bits, enabled, AdaRound soft/hard)."""
+        key = []
+        for q in [self.module] + self.weight_quantizers():
+            for t in list(q.parameters(recurse=False)) + list(q.buffers(recurse=False)):
+                key.append((id(t), t.data_ptr(), t._version))
+            if q is not self.module:
+                key.append(tuple(v for v in vars(q).values() if isinstance(v, (bool, int, float, str))))
+        return tuple(key)
+
     def quantized_weight(self) -> torch.Tensor:
+        if CACHE_QUANT_WEIGHTS and not torch.is_grad_enabled():
+            # Sampling calls every layer once per step with the same weights: quantize them once, not 100 times.
+            key = self._weight_key()
+            if self._wq_cache is None or self._wq_cache[0] != key:
+                self._wq_cache = (key, self._quantize_weight())
+            return self._wq_cache[1]
+        self._wq_cache = None
+        return self._quantize_weight()
+
+    def _quantize_weight(self) -> torch.Tensor:
         w = self.module.weight
         if not self.split:
             return self.weight_quantizer(w)

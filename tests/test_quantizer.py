@@ -130,3 +130,26 @@ def test_parse_bits_and_policy():
         BitPolicy(4, 8, w_init="mse")
     with pytest.raises(UsageError):
         UniformQuantizer(1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("channel_wise", [True, False])
+def test_inference_path_bit_identical_to_autograd_formula(bits, symmetric, channel_wise):
+    # Sampling uses the in-place no-grad path; it must reproduce the reconstruction forward exactly.
+    import eda.quantizer as Q
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(16, 8, 3, 3, generator=g) * 3
+    q = UniformQuantizer(bits, symmetric, channel_wise=channel_wise, init="minmax")
+    q.init_from(x)
+    y_train = q(x)  # grad mode: the autograd formula
+    with torch.no_grad():
+        y_inf = q(x)
+        Q.FUSED_INFERENCE = False
+        try:
+            y_ref = q(x)
+        finally:
+            Q.FUSED_INFERENCE = True
+    assert torch.equal(y_inf, y_ref) and torch.equal(y_inf, y_train.detach())
+    assert torch.equal(x, torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(bits)) * 3)  # not in place

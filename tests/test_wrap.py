@@ -147,3 +147,39 @@ def test_inplace_and_init_ranges(tiny_unet):
     assert (out - ref).abs().mean() < 0.05 * ref.abs().mean() + 1e-3
     q_in = quantize_unet(tiny_unet, BitPolicy.from_bits("W8A8", **FAST), inplace=True)
     assert q_in is tiny_unet and isinstance(tiny_unet.conv_in, QuantLayer)
+
+
+def test_weight_cache_follows_every_change(tiny_unet):
+    # Inference caches each layer's fake-quantized weight; any change to the weight or its quantizer must show.
+    from eda.adaround import AdaRoundQuantizer
+
+    q = quantize_unet(tiny_unet, BitPolicy.from_bits("W4A8", **FAST))
+    layer = q.conv_in
+    layer.init_weight_ranges("minmax")
+    with torch.no_grad():
+        w1 = layer.quantized_weight()
+        assert layer.quantized_weight() is w1  # cached
+        changes = [lambda: layer.weight_quantizer.delta.mul_(2),  # in place, as an optimiser step
+                   lambda: layer.module.weight.mul_(-1),
+                   lambda: layer.weight_quantizer.init_from(layer.module.weight),  # new storage for delta
+                   lambda: layer.weight_quantizer.set_bits(3)]
+        prev = w1
+        for change in changes:
+            change()
+            now = layer.quantized_weight()
+            assert now is not prev, change
+            assert torch.equal(now, layer._quantize_weight()) and not torch.equal(now, prev)
+            prev = now
+    layer.weight_quantizer = AdaRoundQuantizer(layer.weight_quantizer, layer.module.weight)
+    with torch.no_grad():
+        soft = layer.quantized_weight()
+        layer.weight_quantizer.harden()
+        hard = layer.quantized_weight()
+        assert not torch.equal(soft, hard) and torch.equal(hard, layer._quantize_weight())
+    # with autograd on (reconstruction) nothing is cached and gradients flow to the rounding variables
+    w = layer.quantized_weight()
+    assert w.requires_grad is False or w.grad_fn is not None
+    layer.weight_quantizer.soft_targets = True
+    layer.weight_quantizer.alpha.requires_grad_(True)
+    layer.quantized_weight().sum().backward()
+    assert layer.weight_quantizer.alpha.grad is not None and layer._wq_cache is None
