@@ -1,0 +1,78 @@
+"""bench.perf: the benchmark's building blocks count what they claim to (the timings themselves are not tested)."""
+
+import pandas as pd
+import pytest
+import torch
+
+from bench import perf
+
+torch.set_num_threads(1)
+
+
+def _forward_counter(module):
+    calls = []
+    h = module.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+    return calls, h
+
+
+def test_official_scheme_runs_three_unit_forwards_and_ours_one(tiny_unet):
+    calib = perf._calib(tiny_unet, 4)
+    q = perf._quantized(tiny_unet, "W4A8", calib)
+    units = perf._units_by_kind(q)
+    assert {"resnet", "attention", "layer"} <= set(units)
+    ub = perf._UnitBench(q, tiny_unet, units["resnet"], calib, 4)
+    assert ub.inner  # FBR inner layers are tapped
+    q_calls, hq = _forward_counter(ub.unit.module)
+    fp_calls, hf = _forward_counter(ub.fp_unit)
+    try:
+        alpha = next(p for p in ub.opts[0].param_groups[0]["params"]).detach().clone()
+        ub.cached_iteration()
+        assert (len(q_calls), len(fp_calls)) == (1, 0)
+        ub.official_iteration()
+        assert (len(q_calls), len(fp_calls)) == (3, 1)
+        assert fp_calls == [False] and all(q_calls)  # FP targets without autograd, quantized passes with it
+        assert not torch.equal(alpha, ub.opts[0].param_groups[0]["params"][0].detach())  # both schemes train
+    finally:
+        hq.remove()
+        hf.remove()
+
+
+def test_alternate_interleaves_and_row_ratios():
+    order = []
+    t = perf.alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=2, warmup=1)
+    assert order == ["a", "b"] * 3 and set(t) == {"a", "b"}
+    up = perf.row("x", "c", "base", 4.0, "ours", 2.0, "speedup", 2.0)
+    assert up["ratio"] == 2.0 and up["target_met"] is True
+    over = perf.row("x", "c", "base", 1.0, "ours", 1.5, "overhead", 1.3)
+    assert over["ratio"] == 1.5 and over["target_met"] is False
+    assert perf.row("x", "c", "b", 1.0, "o", 1.0, "speedup")["target_met"] is None
+
+
+def test_fast_path_switch_restores_flags():
+    import eda.quantizer
+    import eda.wrap
+
+    with perf.fast_path(False):
+        assert not eda.quantizer.FUSED_INFERENCE and not eda.wrap.CACHE_QUANT_WEIGHTS
+    assert eda.quantizer.FUSED_INFERENCE and eda.wrap.CACHE_QUANT_WEIGHTS
+
+
+def test_page_and_parquet(tmp_path):
+    rows = [perf.row("sampling", "digits W8A8", "FP", 1.0, "fake-quant", 1.2, "overhead", 1.3),
+            perf.row("ray", "4 cells, 2 worker(s)", "1 worker", 10.0, "2 workers", 6.0, "speedup", None,
+                     workers=2, efficiency=10 / 6 / 2)]
+    env = {"command": "python -m bench.perf", "device": "CPU", "cpus": 2, "threads": 1, "versions": {"torch": "x"},
+           "git_commit": "abc", "time": "now", "load_average": 0.5}
+    perf.write(rows, env, tmp_path / "perf" / "perf.parquet", tmp_path / "perf.md")
+    df = pd.read_parquet(tmp_path / "perf" / "perf.parquet")
+    assert list(df.figure) == ["sampling", "ray"] and df.ratio.tolist() == pytest.approx([1.2, 10 / 6])
+    page = (tmp_path / "perf.md").read_text()
+    assert "1.20 x of baseline | <= 1.3x | yes" in page and "2 workers 0.83" in page
+
+
+def test_unknown_figure_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        perf.main(["--only", "warp-drive"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown figure" in err[0] and "recon" in err[0]
