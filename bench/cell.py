@@ -23,7 +23,7 @@ from bench.artifacts import ArtifactCache, model_fingerprint
 from bench.errors import BenchError
 from bench.grid import FP_METHOD, Cell
 from bench.sampling import SamplerConfig
-from bench.store import METRICS, empty_row
+from bench.store import DISK_FULL, METRICS, empty_row
 
 EPS_MSE_SAMPLES = 8  # samples per step for the per-step noise-prediction error vs FP (cheap: one batched pass)
 SAMPLE_GRID = 16  # images per cell in the saved PNG sample grid
@@ -243,10 +243,26 @@ def failed_row(cell: Cell, context: dict, error: str, attempts: int = 1, seconds
     return row
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """Host or GPU allocation failure: MemoryError, torch.OutOfMemoryError (CUDA), or the RuntimeError of torch's
+    CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 def format_error(e: BaseException) -> str:
-    """One line for the store; the full traceback goes to the cell log."""
+    """One line for the store; the full traceback goes to the cell log. Out of memory and disk full say the fix."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}"[:500]
+    line = f"{type(e).__name__}: {msg}"
+    short = line.rstrip(": ")[:200]
+    if is_out_of_memory(e):
+        return (f"out of memory in this cell ({short}); lower batch_size in the grid ([defaults] or the model's block) "
+                "or run fewer workers per GPU/node (--gpus-per-worker 1, --max-workers)")
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+        return f"disk full on the worker ({short}); free space or move the artifact cache (--out, $EDA_BENCH_CACHE), then rerun"
+    return line[:500]
 
 
 def format_traceback(e: BaseException) -> str:

@@ -279,6 +279,10 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
     def on_result(cell, result, attempts):
         write_result(out, cell, result, attempts)
 
+    # a driver killed mid-write (SIGKILL skips write_row's cleanup) leaves dotfile temps: never read, reclaimed here
+    from bench.store import remove_stale_temps, runs_dir
+
+    remove_stale_temps(runs_dir(out))
     # fail fast, per model, for models whose weights are not here (offline machine, missing download)
     runnable = []
     for c in todo:

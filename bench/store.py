@@ -8,9 +8,11 @@ partitioning so partition keys come back as strings, not categoricals.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -26,6 +28,9 @@ from bench.errors import BenchError
 METRICS = ("fid", "sfid", "is", "kid", "precision", "recall", "digits_fid", "digits_coverage", "digits_confidence",
            "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse")
 PARTITIONS = ("grid", "model", "method")
+TEMP_PREFIX = ".tmp-"  # in-progress writes (Parquet rows, sample-grid PNGs); dataset discovery skips dotfiles
+STALE_TEMP_SECONDS = 600  # one row is written in milliseconds: an older temp was left by a killed writer
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 PARTITION_SCHEMA = pa.schema([(k, pa.string()) for k in PARTITIONS])
 
 FILE_SCHEMA = pa.schema(
@@ -92,25 +97,55 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
+def disk_full_error(path: str | os.PathLike, e: OSError) -> BenchError:
+    """The one line for a write that ran out of space (or quota): every finished cell is already stored, so freeing
+    space and rerunning the same command resumes where it stopped."""
+    return BenchError(f"disk full while writing {path} ({os.strerror(e.errno)}); free space or pass --out elsewhere, then "
+                      "rerun the same command: finished cells are kept and skipped")
+
+
 def write_row(root: str | os.PathLike, row: dict) -> Path:
-    """Write one result row as its own Parquet file, atomically. Returns the final path."""
+    """Write one result row as its own Parquet file, atomically. Returns the final path.
+
+    A write that fails (disk full: one-line BenchError) removes its temp file, so no partial Parquet is left."""
     missing = [k for k in PARTITIONS if not row.get(k)]
     if missing:
         raise BenchError(f"result row lacks partition keys {missing}; this is a harness bug")
     d = partition_dir(root, row["grid"], row["model"], row["method"])
-    d.mkdir(parents=True, exist_ok=True)
     table = _table([row], FILE_SCHEMA)
-    tmp = d / f".tmp-{uuid.uuid4().hex}.parquet"
+    tmp = d / f"{TEMP_PREFIX}{uuid.uuid4().hex}.parquet"
     final = d / f"{row['cell_key']}-{uuid.uuid4().hex[:8]}.parquet"
     try:
+        d.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(final, e) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return final
+
+
+def remove_stale_temps(root: str | os.PathLike, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete temp files that a killed writer left under a runs/ root (SIGKILL skips write_row's cleanup). Readers
+    never see them (dotfiles); this only reclaims the space. Young temps may belong to a live writer: kept."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    cutoff, removed = time.time() - older_than, []
+    for p in root.rglob(f"{TEMP_PREFIX}*"):
+        try:
+            if p.is_file() and p.stat().st_mtime < cutoff:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # another driver's cleanup got there first
+            pass
+    return removed
 
 
 def read_runs(root: str | os.PathLike, grid: str | None = None, latest: bool = True) -> pd.DataFrame:

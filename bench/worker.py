@@ -49,7 +49,7 @@ class CellWorker:
 
     def run(self, cell_dict: dict, requests: list, context: dict, cache_root: str) -> dict:
         from bench.artifacts import ArtifactCache
-        from bench.cell import failed_row, format_error, format_traceback, run_cell
+        from bench.cell import failed_row, format_error, format_traceback, is_out_of_memory, run_cell
 
         if self.cache is None or str(self.cache.root) != str(cache_root):
             self.cache = ArtifactCache(cache_root)
@@ -62,7 +62,7 @@ class CellWorker:
         log.setLevel(logging.INFO)
         log.propagate = False
         log.info("cell %s (%s) on pid %d, device %s", cell.label(), cell.key, os.getpid(), self.device)
-        t0, load_error, png = time.time(), False, None
+        t0, load_error, png, oom = time.time(), False, None, False
         cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
         try:
             if self.model_name != cell.model:
@@ -74,11 +74,24 @@ class CellWorker:
         except Exception as e:  # noqa: BLE001 - any failure of one cell is recorded and the grid goes on
             log.error("%s", format_traceback(e))
             row = failed_row(cell, context, format_error(e), seconds=time.time() - t0)
+            oom = is_out_of_memory(e)
+        if oom:  # out of the except block: the traceback, and the tensors its frames held, are gone now
+            self._release_memory()
         cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
         # CPU seconds as well as wall seconds: on a shared machine wall time says little about a dedicated one
         log.info("status %s in %.1fs wall, %.1fs CPU; cache hits %s", row["status"], time.time() - t0, cpu,
                  self.cache.hits)
         return {"row": row, "png": png, "log": buf.getvalue(), "load_error": load_error}
+
+    def _release_memory(self):
+        """After an out-of-memory cell: give the freed blocks back so the next cell starts from the model alone."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def _load(self, name: str):
         import torch
@@ -275,21 +288,33 @@ def _sampler_key(sampler) -> str:
 
 
 def write_result(out: Path, cell: Cell, result: dict, attempts: int) -> Path:
-    """Store one finished cell: its Parquet row, its PNG sample grid and its log (the driver is the only writer)."""
-    from bench.store import partition_dir, runs_dir, write_row
+    """Store one finished cell: its Parquet row, its PNG sample grid and its log (the driver is the only writer).
+    The row goes last: a cell is in the store only once its PNG and log are. Disk full: one-line BenchError."""
+    from bench.store import DISK_FULL, disk_full_error, partition_dir, runs_dir, write_row
 
     root = runs_dir(out)
     row = dict(result["row"])
     row["attempts"] = attempts
-    if result.get("png"):
-        d = partition_dir(root, cell.grid, cell.model, cell.method) / "_samples"
-        d.mkdir(parents=True, exist_ok=True)
-        p = d / f"{cell.bits}-seed{cell.seed}-{cell.key}.png"
-        tmp = d / f".tmp-{p.name}"
-        tmp.write_bytes(result["png"])
-        os.replace(tmp, p)
-        row["sample_grid"] = str(p.relative_to(root))
-    logd = Path(out) / "logs" / cell.grid / cell.model / cell.method.replace(":", "_")
-    logd.mkdir(parents=True, exist_ok=True)
-    (logd / f"{cell.bits}-seed{cell.seed}-{cell.key}.log").write_text(result.get("log", ""))
+    target = root
+    try:
+        if result.get("png"):
+            d = partition_dir(root, cell.grid, cell.model, cell.method) / "_samples"
+            p = target = d / f"{cell.bits}-seed{cell.seed}-{cell.key}.png"
+            tmp = d / f".tmp-{p.name}"
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(result["png"])
+                os.replace(tmp, p)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            row["sample_grid"] = str(p.relative_to(root))
+        logd = Path(out) / "logs" / cell.grid / cell.model / cell.method.replace(":", "_")
+        target = logd / f"{cell.bits}-seed{cell.seed}-{cell.key}.log"
+        logd.mkdir(parents=True, exist_ok=True)
+        target.write_text(result.get("log", ""))
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(target, e) from None
+        raise
     return write_row(root, row)
