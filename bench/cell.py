@@ -158,6 +158,22 @@ def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str
     return scores
 
 
+def require_reference(model, cell: Cell) -> None:
+    """BenchError (evaluate's own line) when the reference data or the networks the cell's metrics need are missing:
+    checked before sampling, which may take hours (bench.metrics.reference_available reads no image)."""
+    from bench.metrics import reference_available
+
+    wanted = tuple(m for m in cell.metrics if m not in HARNESS_METRICS)
+    if "fid_vs_fp" in cell.metrics and cell.method != FP_METHOD:
+        from bench.inception import weights_path
+
+        weights_path("fid-helper")  # the Inception network, no reference set
+    if wanted:
+        ok, why = reference_available(model.dataset, metrics=wanted)
+        if not ok:
+            raise BenchError(why)
+
+
 def peak_memory_mb(device: str) -> float:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -189,6 +205,7 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
     model = with_sampler(model, cell.sampler)
     row = base_row(cell, context)
     row.update(dataset=model.dataset, sampler=model.sampler.describe(), steps=model.sampler.steps, device=str(device))
+    require_reference(model, cell)  # before any sampling: a missing reference set fails in seconds
     fp = model_fingerprint(model)
     torch.manual_seed(cell.seed)
 

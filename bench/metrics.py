@@ -176,17 +176,25 @@ def image_features(u8: torch.Tensor, extractor: str = "fid-helper", device="cpu"
 # Reference statistics
 
 
+def _reference_folder(dataset: str, split: str, reference_dir) -> Path:
+    return Path(reference_dir) if reference_dir is not None else data_dir() / dataset / split
+
+
+def _no_reference_images(dataset: str, split: str, folder: Path) -> str:
+    return (f"no reference images for {dataset} (split {split!r}) in {folder}; put the image files "
+            f"(PNG/JPEG) there, set EDA_BENCH_DATA, or pass --reference-dir (reference_dir=)")
+
+
 def _reference_images(dataset: str, split: str, res: int, reference_dir: str | os.PathLike | None) -> torch.Tensor:
     """uint8 RGB [N, 3, res, res] of the reference set."""
     if dataset == "digits":
         from bench.data import load_digits_split
 
         return to_uint8_rgb(load_digits_split(split, res)[0])
-    folder = Path(reference_dir) if reference_dir is not None else data_dir() / dataset / split
+    folder = _reference_folder(dataset, split, reference_dir)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
     if not files:
-        raise BenchError(f"no reference images for {dataset} (split {split!r}) in {folder}; put the image files "
-                         f"(PNG/JPEG) there, set EDA_BENCH_DATA, or pass --reference-dir (reference_dir=)")
+        raise BenchError(_no_reference_images(dataset, split, folder))
     from PIL import Image
 
     out = []
@@ -230,6 +238,52 @@ def reference_stats(dataset: str, split: str, res: int, extractor: str = "fid-he
     return stats
 
 
+def default_split(dataset: str, split: str | None = None) -> str:
+    """evaluate()'s reference split: the held-out "test" split for digits, "train" (the papers' FID reference) else."""
+    return split or ("test" if dataset == "digits" else "train")
+
+
+def reference_available(dataset: str, split: str | None = None, metrics=ALL_METRICS, reference_dir=None,
+                        extractor: str = "fid-helper", res: int | None = None) -> tuple[bool, str]:
+    """(ok, the one-line error evaluate() would raise) for what `evaluate(images, dataset, metrics, ...)` needs,
+    without reading an image or running a network: the Inception weights and the reference set (cached statistics
+    or at least one image file) for Inception metrics, the digits classifier for digits metrics. Milliseconds: the
+    harness asks before sampling, so a run without its reference data fails at once, not after the sampling."""
+    metrics = _check_metrics(metrics)
+    split = default_split(dataset, split)
+    if any(m in metrics for m in INCEPTION_METRICS):
+        from bench.inception import weights_path
+
+        try:
+            weights_path(extractor)
+        except BenchError as e:
+            return False, str(e)
+        if dataset != "digits" and not _stats_cached(dataset, split, extractor, res, reference_dir):
+            folder = _reference_folder(dataset, split, reference_dir)
+            files = (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else iter(())
+            if next(files, None) is None:
+                return False, _no_reference_images(dataset, split, folder)
+    if dataset == "digits" and any(m in metrics for m in DIGITS_METRICS):
+        from bench.classifier import load_classifier
+
+        try:
+            load_classifier()  # a few KB, memoised per process: also catches corrupt weights
+        except BenchError as e:
+            return False, str(e)
+    return True, ""
+
+
+def _stats_cached(dataset: str, split: str, extractor: str, res: int | None, reference_dir) -> bool:
+    """Reference statistics on disk for this set; any resolution when `res` is None (a latent model's image size is
+    known only after decoding)."""
+    stats = cache_dir() / "stats"
+    if res is not None:
+        return (stats / f"{_stats_key(dataset, split, extractor, res, reference_dir)}.npz").is_file()
+    # "@" never occurs in a dataset, split or extractor name (evaluate checks the dataset name)
+    want = re.escape(_stats_key(dataset, split, extractor, "@", reference_dir)).replace("@", r"\d+") + r"\.npz"
+    return stats.is_dir() and any(re.fullmatch(want, p.name) for p in stats.iterdir())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -254,7 +308,7 @@ def evaluate(images: torch.Tensor, dataset: str, metrics=ALL_METRICS, fp_images:
     metrics = _check_metrics(metrics)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", dataset or ""):
         raise UsageError(f"bad dataset name {dataset!r}; expected e.g. digits, cifar10, lsun-church, imagenet, coco")
-    split = split or ("test" if dataset == "digits" else "train")
+    split = default_split(dataset, split)
     u8 = to_uint8_rgb(images.detach().cpu())  # UsageError on a wrong shape
     if len(u8) < 2:
         raise UsageError(f"need at least 2 images to compare distributions, got {len(u8)}")

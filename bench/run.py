@@ -129,6 +129,29 @@ def model_status(name: str) -> tuple[bool, str]:
     return bool(ok), why
 
 
+def model_dataset(name: str) -> str | None:
+    """The dataset a zoo model is evaluated on, without loading it (None for other models: known only once loaded)."""
+    try:
+        from bench.zoo import ZOO
+    except ImportError:
+        return None
+    entry = ZOO.get(name)
+    return entry.dataset if entry is not None else None
+
+
+def reference_status(cell: Cell) -> tuple[bool, str]:
+    """(ok, why) for the reference data of a cell's metrics when its model's dataset is known without loading it;
+    workers check again before sampling (bench.cell.require_reference) for the other models."""
+    from bench.cell import HARNESS_METRICS
+    from bench.metrics import reference_available
+
+    dataset = model_dataset(cell.model)
+    wanted = tuple(m for m in cell.metrics if m not in HARNESS_METRICS)
+    if dataset is None or not wanted:
+        return True, ""
+    return reference_available(dataset, metrics=wanted)
+
+
 def default_sampler(name: str) -> str:
     """The official sampler of a zoo model, without loading it ('model default' for others)."""
     try:
@@ -283,14 +306,21 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
     from bench.store import remove_stale_temps, runs_dir
 
     remove_stale_temps(runs_dir(out))
-    # fail fast, per model, for models whose weights are not here (offline machine, missing download)
-    runnable = []
+    # fail fast, per model, for models whose weights or reference data are not here (offline machine, missing
+    # download), before Ray starts and before any sampling
+    runnable, refs = [], {}
     for c in todo:
         ok, why = status[c.model]
+        msg = f"model {c.model} is unavailable: {why}"
+        if ok:
+            rkey = (c.model, c.metrics)
+            if rkey not in refs:
+                refs[rkey] = reference_status(c)
+            ok, why = refs[rkey]
+            msg = f"model {c.model}: {why}"
         if ok:
             runnable.append(c)
             continue
-        msg = f"model {c.model} is unavailable: {why}"
         on_result(c, {"row": failed_row(c, context, msg, attempts=0), "png": None, "log": msg + "\n"}, 0)
         counts["failed"] += 1
         progress.skipped(False, c.label(), msg)
