@@ -1,0 +1,424 @@
+"""Fault injection for the harness (issue 7, 2a): a driver killed mid-grid, a cell out of memory, a full disk, the
+Ray dashboard port, reference data missing before sampling.
+
+A worker process killed by the OS (segfault, the kernel's OOM killer: the actor dies mid-cell) is covered by
+tests/test_run.py::test_crash_retry_failure_and_shared_artifacts (test-crash: the actor is restarted and the cell
+re-run; test-abort: dies every time, recorded as failed after --retries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from bench.errors import BenchError
+from bench.run import main
+from bench.store import partition_dir, read_runs, remove_stale_temps, write_row
+from tests.conftest_ray import REPO, ray_session  # noqa: F401 - the session-wide Ray cluster
+from tests.test_store import make_row
+
+PLUGINS = ["tests.harness_plugin", "tests.fault_plugin"]
+
+
+def write_grid(tmp_path, methods, bits=("W8A8",), extra="", metrics=()):
+    p = tmp_path / "t.toml"
+    p.write_text(f"""
+name = "t"
+imports = {PLUGINS}
+[defaults]
+methods = {list(methods)}
+bits = {list(bits)}
+seeds = [0]
+samples = 8
+batch_size = 8
+metrics = {list(metrics)}
+{extra}
+[[model]]
+name = "test-tiny"
+""".replace("'", '"'))
+    return str(p)
+
+
+def run(*argv):
+    try:
+        return main([*argv, "--no-progress"])
+    except SystemExit as e:
+        return e.code
+
+
+def temps(root) -> list[Path]:
+    return [Path(d) / f for d, _, fs in os.walk(root) for f in fs if f.startswith(".tmp")]
+
+
+def parquet_files(out) -> list[Path]:
+    return [p for p in (Path(out) / "runs").rglob("*.parquet") if not p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a writer killed mid-write: its dotfile temp is never read and the next driver reclaims it
+
+
+def test_stale_temp_is_never_read_and_is_removed(tmp_path):
+    final = write_row(tmp_path, make_row("a"))
+    old = final.parent / ".tmp-0123abcd.parquet"
+    old.write_bytes(final.read_bytes()[:60])  # truncated: what a SIGKILL mid-write leaves
+    png = final.parent / "_samples" / ".tmp-W8A8-seed0-k.png"
+    png.parent.mkdir()
+    png.write_bytes(b"\x89PNG")
+    young = final.parent / ".tmp-live-writer.parquet"
+    young.write_bytes(b"PAR1")
+    hour_ago = time.time() - 3600
+    for p in (old, png):
+        os.utime(p, (hour_ago, hour_ago))
+    assert list(read_runs(tmp_path)["cell_key"]) == ["a"]
+    assert sorted(remove_stale_temps(tmp_path)) == sorted([old, png])
+    assert temps(tmp_path) == [young]  # a temp younger than STALE_TEMP_SECONDS may belong to a live writer
+    assert remove_stale_temps(tmp_path / "missing") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# disk full
+
+
+def _full_disk(monkeypatch, after: int = 0):
+    """Parquet writes fail with ENOSPC after `after` successful ones, having written part of the file first."""
+    real, calls = pq.write_table, {"n": 0}
+
+    def write_table(table, where, *a, **k):
+        calls["n"] += 1
+        if calls["n"] <= after:
+            return real(table, where, *a, **k)
+        Path(where).write_bytes(b"PAR1\x15\x04")  # a few bytes made it to disk
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", write_table)
+    return calls
+
+
+def test_disk_full_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    write_row(tmp_path, make_row("a"))
+    _full_disk(monkeypatch)
+    with pytest.raises(BenchError) as e:
+        write_row(tmp_path, make_row("b"))
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert msg.startswith("disk full while writing ") and "No space left on device" in msg
+    assert "free space or pass --out elsewhere" in msg and "b-" in msg  # names the file it was writing
+    assert temps(tmp_path) == []
+    assert list(read_runs(tmp_path)["cell_key"]) == ["a"]
+    # any other write error is not dressed up as a full disk
+    monkeypatch.setattr(pq, "write_table", lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "no")))
+    with pytest.raises(PermissionError):
+        write_row(tmp_path, make_row("c"))
+    assert temps(tmp_path) == []
+
+
+def test_disk_full_mid_grid_stops_then_resumes(ray_session, tmp_path, monkeypatch, capsys):  # noqa: F811
+    grid = write_grid(tmp_path, ["fp", "test-ok"], bits=("W8A8", "W4A8"))
+    out = tmp_path / "out"
+    calls = _full_disk(monkeypatch, after=1)  # the first finished cell is stored, the second hits the full disk
+    assert run("--grid", grid, "--out", str(out), "--max-workers", "1") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: disk full while writing ") and "--out elsewhere" in err
+    assert calls["n"] == 2  # the driver stopped at the first failed write instead of computing the rest for nothing
+    first = read_runs(out / "runs")
+    assert len(first) == 1 and (first["status"] == "ok").all()
+    assert temps(out / "runs") == []
+    # a temp a killed writer left long ago: the next driver reclaims it
+    stale = partition_dir(out / "runs", "t", "test-tiny", "fp") / ".tmp-killed.parquet"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"PAR1")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    monkeypatch.undo()  # space freed: the same command resumes and completes the remaining cells
+    assert run("--grid", grid, "--out", str(out), "--max-workers", "1") == 0
+    df = read_runs(out / "runs", latest=False)
+    assert len(df) == 3 and df["cell_key"].nunique() == 3 and (df["status"] == "ok").all()
+    kept = df[df["cell_key"] == first["cell_key"][0]]
+    assert list(kept["run_id"]) == [first["run_id"][0]]  # the stored cell was not rerun
+    assert len(parquet_files(out)) == 3 and temps(out / "runs") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# out of memory
+
+
+def test_oom_errors_are_one_line_with_the_fix():
+    import torch
+
+    from bench.cell import format_error
+
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nIf reserved but unallocated ...")
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.")
+    for e, name in [(MemoryError(), "MemoryError"), (cuda, "OutOfMemoryError"), (cpu, "RuntimeError")]:
+        line = format_error(e)
+        assert len(line.splitlines()) == 1 and line.startswith(f"out of memory in this cell ({name}")
+        assert "batch_size" in line and "--gpus-per-worker" in line and len(line) < 500
+    disk = format_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert disk.startswith("disk full on the worker") and "EDA_BENCH_CACHE" in disk
+    assert format_error(ValueError("bad\nvalue")) == "ValueError: bad"
+
+
+def test_oom_cell_fails_alone_and_the_worker_keeps_serving(ray_session, tmp_path):  # noqa: F811
+    # one worker: the cells after the out-of-memory ones run on the same actor
+    grid = write_grid(tmp_path, ["test-oom", "test-oom-cuda", "test-ok", "fp"])
+    out = tmp_path / "out"
+    assert run("--grid", grid, "--out", str(out), "--max-workers", "1") == 1  # failed cells -> exit status 1
+    df = read_runs(out / "runs").set_index("method")
+    assert len(df) == 4 and (df["attempts"] == 1).all()  # recorded, not a crash and a retry
+    for method, name in [("test-oom", "MemoryError"), ("test-oom-cuda", "OutOfMemoryError")]:
+        err = df.loc[method, "error"]
+        assert df.loc[method, "status"] == "failed" and len(err.splitlines()) == 1
+        assert err.startswith(f"out of memory in this cell ({name}") and "lower batch_size in the grid" in err
+    assert (df.loc[["test-ok", "fp"], "status"] == "ok").all()
+    pids = {re.search(r" on pid (\d+)", p.read_text()).group(1) for p in (out / "logs").rglob("*.log")}
+    assert len(pids) == 1  # every cell ran on the one actor: it survived both out-of-memory cells
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reference data checked before sampling
+
+
+def test_reference_available_reads_no_images(tmp_path, monkeypatch):
+    from bench.metrics import reference_available
+
+    monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
+    ok, why = reference_available("nodata", metrics=("fid", "kid"))
+    assert not ok and len(why.splitlines()) == 1
+    assert why.startswith("no reference images for nodata (split 'train')") and "EDA_BENCH_DATA" in why
+    assert reference_available("nodata", metrics=("digits_fid",)) == (True, "")  # NaN for other datasets
+    assert reference_available("digits", metrics=("fid", "digits_fid", "digits_cov")) == (True, "")
+    # cached statistics of another resolution count when the resolution is not known yet
+    stats = tmp_path / "cache" / "stats"
+    stats.mkdir(parents=True)
+    (stats / "nodata_train_fid-helper_32.npz").write_bytes(b"")
+    assert reference_available("nodata", metrics=("fid",))[0]
+    assert not reference_available("nodata", metrics=("fid",), res=16)[0]
+    assert not reference_available("nodata", split="val", metrics=("fid",))[0]
+    assert not reference_available("nodat", metrics=("fid",))[0]
+    # one image file in the split folder is enough (it is not read)
+    folder = tmp_path / "data" / "other" / "train" / "class0"
+    folder.mkdir(parents=True)
+    (folder / "x.png").write_bytes(b"not even an image")
+    assert reference_available("other", metrics=("fid",)) == (True, "")
+    assert not reference_available("other", metrics=("fid",), reference_dir=tmp_path / "empty")[0]
+
+
+def test_missing_reference_fails_before_sampling(tmp_path, monkeypatch):
+    import torch
+
+    from bench.artifacts import ArtifactCache
+    from bench.cell import run_cell
+    from bench.grid import Cell
+    from bench.models import DiffusionModel, load_model
+
+    import eda.trajectories
+    import tests.harness_plugin  # noqa: F401 - registers test-tiny and test-ok
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real_generate, real_record = DiffusionModel.generate, eda.trajectories.record_trajectories
+    monkeypatch.setattr(DiffusionModel, "generate", lambda self, *a, **k: calls.append("generate")
+                        or real_generate(self, *a, **k))
+    monkeypatch.setattr(eda.trajectories, "record_trajectories", lambda *a, **k: calls.append("record")
+                        or real_record(*a, **k))
+    model = dataclasses.replace(load_model("test-tiny"), dataset="nodata")
+    cache = ArtifactCache(tmp_path / "artifacts")
+    for method, bits in [("fp", "FP"), ("test-ok", "W8A8")]:
+        cell = Cell(grid="t", model="test-tiny", method=method, bits=bits, seed=0, samples=4, metrics=("fid",),
+                    batch_size=4)
+        t0 = time.time()
+        with pytest.raises(BenchError, match="no reference images for nodata"):
+            run_cell(model, cell, cache, [("test-ok", {})], {"run_id": "r"})
+        assert calls == [] and time.time() - t0 < 10
+    # the counters do count: without Inception metrics the same cell samples
+    cell = Cell(grid="t", model="test-tiny", method="test-ok", bits="W8A8", seed=0, samples=4, batch_size=4)
+    row, _ = run_cell(model, cell, cache, [("test-ok", {})], {"run_id": "r"})
+    assert row["status"] == "ok" and "generate" in calls and "record" in calls
+
+
+def test_driver_fails_missing_reference_before_ray(tmp_path, monkeypatch):
+    import bench.run
+
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench.run, "model_dataset", lambda name: "nodata")  # as a zoo model would say
+    monkeypatch.setattr(bench.run, "start_ray", lambda address: pytest.fail("Ray started for cells that cannot run"))
+    grid = write_grid(tmp_path, ["fp", "test-ok"], metrics=("fid", "fid_vs_fp"))
+    out = tmp_path / "out"
+    assert run("--grid", grid, "--out", str(out)) == 1
+    df = read_runs(out / "runs")
+    assert len(df) == 2 and (df["status"] == "failed").all() and (df["attempts"] == 0).all()
+    assert df["error"].str.startswith("model test-tiny: no reference images for nodata").all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray's dashboard: a harness cluster serves nothing on 8265 (token authentication is left on)
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                stat = Path(f"/proc/{p}/stat").read_text()
+            except OSError:
+                continue
+            kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(p))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def listening_ports() -> dict[int, int]:
+    """socket inode -> TCP port of every listening socket (IPv4 and IPv6)."""
+    out = {}
+    for f in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(f).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A":  # TCP_LISTEN
+                out[int(cols[9])] = int(cols[1].rsplit(":", 1)[1], 16)
+    return out
+
+
+def ports_of(pid: int, listening: dict[int, int]) -> set[int]:
+    ports = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return ports
+    for fd in fds:
+        try:
+            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+        if m and int(m.group(1)) in listening:
+            ports.add(listening[int(m.group(1))])
+    return ports
+
+
+CLUSTER = """
+import os, sys
+from bench.run import start_ray
+assert start_ray(None)
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
+def test_harness_cluster_serves_no_dashboard(tmp_path):
+    assert os.environ.get("RAY_AUTH_MODE") != "disabled"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", CLUSTER], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        pid = int(p.stdout.readline())
+        procs = [pid, *descendants(pid)]
+        listening = listening_ports()
+        ports = {q: ports_of(q, listening) for q in procs}
+        assert any("gcs_server" in (cmdline(q) or "") for q in procs)  # we are looking at the cluster it started
+        assert not any(8265 in v for v in ports.values()), {cmdline(q): v for q, v in ports.items() if v}
+        # Ray still starts dashboard.py, as a minimal head (usage stats only) that must serve no HTTP at all
+        heads = [q for q in procs if "dashboard/dashboard.py" in (cmdline(q) or "")]
+        for q in heads:
+            assert "--disable-frontend" in cmdline(q) and ports[q] == set(), cmdline(q)
+    finally:
+        p.stdin.close()
+        p.wait(timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the driver SIGKILLed mid-grid, then the same command again
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
+def test_driver_killed_mid_grid_then_resumed(tmp_path):
+    release = tmp_path / "release"
+    extra = f'[method."test-wait"]\nrelease = "{release}"\n'
+    grid = write_grid(tmp_path, ["fp", "test-ok", "test-wait"], extra=extra)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bench.run", "--grid", grid, "--out", str(out), "--no-progress", "--max-workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    log1 = (tmp_path / "run1.log").open("w")
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while len(parquet_files(out)) < 2:  # fp and test-ok are stored; test-wait blocks in its worker
+            assert first.poll() is None, (tmp_path / "run1.log").read_text()[-2000:]
+            assert time.time() < deadline, "the first run never stored two cells"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        tree = {q: cmdline(q) for q in descendants(first.pid)}
+        assert any("CellWorker" in (c or "") for c in tree.values())  # the blocked cell is running
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    stored = read_runs(out / "runs")
+    assert len(stored) == 2 and (stored["status"] == "ok").all()
+    run_id = stored["run_id"][0]
+    # what a driver killed in the middle of a write leaves: a truncated dotfile temp (readers skip it)
+    part = partition_dir(out / "runs", "t", "test-tiny", "test-ok")
+    stale = part / ".tmp-killed.parquet"
+    stale.write_bytes(next(part.glob("*.parquet")).read_bytes()[:100])
+    os.utime(stale, (time.time() - 3600,) * 2)
+    assert len(read_runs(out / "runs")) == 2
+
+    # the same command again, at once: not blocked by what is left of the first cluster
+    release.touch()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "1 ok, 0 failed" in again.stdout
+    df = read_runs(out / "runs", latest=False)
+    assert len(df) == 3 and df["cell_key"].nunique() == 3 and (df["status"] == "ok").all()  # each cell once
+    assert (df["run_id"] == run_id).sum() == 2  # the first run's cells were skipped, not rerun
+    assert df.loc[df["run_id"] != run_id, "method"].tolist() == ["test-wait"]
+    assert not stale.exists() and temps(out / "runs") == []
+    for p in parquet_files(out):
+        assert pq.read_table(p).num_rows == 1  # every visible file is a whole Parquet file
+
+    # everything the killed driver started dies on its own: the head processes with it (Linux parent-death
+    # signal), the actor once its raylet is gone (~2 s), Ray's two agents after a 60 s GCS timeout
+    deadline = time.time() + 150
+    while [q for q in tree if alive(q)] and time.time() < deadline:
+        time.sleep(1)
+    left = {q: tree[q] for q in tree if alive(q) and cmdline(q) == tree[q]}
+    assert not left, left
