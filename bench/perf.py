@@ -248,6 +248,23 @@ def fast_path(on: bool):
         eda.quantizer.FUSED_INFERENCE, eda.wrap.CACHE_QUANT_WEIGHTS = old
 
 
+@contextlib.contextmanager
+def compiled_path():
+    """The opt-in torch.compile'd fake-quant kernel (EDA_BENCH_COMPILE_FAKEQUANT=1)."""
+    import eda.quantizer
+
+    old = eda.quantizer.COMPILED_INFERENCE
+    eda.quantizer.COMPILED_INFERENCE = True
+    try:
+        yield
+    finally:
+        eda.quantizer.COMPILED_INFERENCE = old
+
+
+VARIANTS = (("fq", "fake-quant (inference fast path)"), ("compiled", "fake-quant, compiled kernel (opt-in)"),
+            ("before", "fake-quant before the fast path"))
+
+
 def fig_sampling(args) -> list[dict]:
     import dataclasses
 
@@ -270,12 +287,16 @@ def fig_sampling(args) -> list[dict]:
             with fast_path(False):
                 model.generate(n, seed=0, unet=q, batch_size=n)
 
-        t = alternate({"fp": gen(model.unet), "fq": gen(q), "before": before}, reps)
-        for label, key in (("fake-quant (inference fast path)", "fq"), ("fake-quant before the fast path", "before")):
+        def comp():
+            with compiled_path():
+                model.generate(n, seed=0, unet=q, batch_size=n)
+
+        t = alternate({"fp": gen(model.unet), "fq": gen(q), "compiled": comp, "before": before}, reps)
+        for key, label in VARIANTS:
             rows.append(row("sampling", f"digits-ddpm {bits}", "FP sampling", t["fp"], label, t[key], "overhead",
                             1.3, samples=n, batch=n, steps=steps, threads=torch.get_num_threads()))
-        print(f"  sampling digits {bits}: FP {t['fp']:.2f}s  fake-quant {t['fq']:.2f}s (x{t['fq']/t['fp']:.2f}), "
-              f"before the fast path {t['before']:.2f}s (x{t['before']/t['fp']:.2f})", flush=True)
+        print(f"  sampling digits {bits}: FP {t['fp']:.2f}s  " + ", ".join(
+            f"{label} {t[k]:.2f}s (x{t[k] / t['fp']:.2f})" for k, label in VARIANTS), flush=True)
     # CIFAR-10 UNet: one sampling step (one UNet call) at a small batch
     unet = cifar_unet()
     b = 2 if args.quick else 8
@@ -287,12 +308,17 @@ def fig_sampling(args) -> list[dict]:
                 with fast_path(False):
                     q(x, tt)
 
-            t = alternate({"fp": lambda: unet(x, tt), "fq": lambda: q(x, tt), "before": before}, reps)
-        for label, key in (("fake-quant (inference fast path)", "fq"), ("fake-quant before the fast path", "before")):
+            def comp():
+                with compiled_path():
+                    q(x, tt)
+
+            t = alternate({"fp": lambda: unet(x, tt), "fq": lambda: q(x, tt), "compiled": comp, "before": before},
+                          reps)
+        for key, label in VARIANTS:
             rows.append(row("sampling", f"cifar10-ddim {bits} (one step)", "FP UNet call", t["fp"], label, t[key],
                             "overhead", 1.3, batch=b, threads=torch.get_num_threads()))
-        print(f"  sampling cifar {bits}: FP {t['fp']:.3f}s  fake-quant {t['fq']:.3f}s (x{t['fq']/t['fp']:.2f}), "
-              f"before {t['before']:.3f}s (x{t['before']/t['fp']:.2f})", flush=True)
+        print(f"  sampling cifar {bits} (one step): FP {t['fp']:.3f}s  " + ", ".join(
+            f"{label} {t[k]:.3f}s (x{t[k] / t['fp']:.2f})" for k, label in VARIANTS), flush=True)
     return rows
 
 

@@ -17,6 +17,8 @@ keeps the search affordable on CPU; this subsampling is ours.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -27,6 +29,22 @@ LP_MAX_ELEMS = 1 << 14
 # Sampling and evaluation run without autograd; there fake-quantization runs in place, in half the passes over the
 # tensor (bit-identical results). Off = the autograd formula everywhere.
 FUSED_INFERENCE = True
+# Opt-in (EDA_BENCH_COMPILE_FAKEQUANT=1): the inference path as one torch.compile'd elementwise kernel, a single pass
+# over the tensor (C++ on CPU, Triton on GPU). Costs a one-off compilation (~35 s on a 2-core CPU) per process, so it
+# pays off for long sampling runs; `python -m bench.perf --only sampling` measures it side by side.
+COMPILED_INFERENCE = os.environ.get("EDA_BENCH_COMPILE_FAKEQUANT", "") == "1"
+_COMPILED = None
+
+
+def _fq_kernel(x: torch.Tensor, delta: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(x / delta), lo, hi) * delta
+
+
+def _compiled_kernel():
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_fq_kernel, dynamic=True)
+    return _COMPILED
 EMA_MOMENTUM = 0.9  # EDA-DM: running = 0.9 * running + 0.1 * new over calibration batches (eda-dm.md §2)
 
 
@@ -166,9 +184,11 @@ class UniformQuantizer(nn.Module):
         slower on CPU: they always compute the backward mask, and multiply by 1/d, which moves rare ties.)
         """
         delta = self.delta.detach().clamp_min(1e-8)
+        zp = self.zero_point
+        if COMPILED_INFERENCE:
+            return _compiled_kernel()(x, delta, -zp, (self.n_levels - 1) - zp)
         y = torch.div(x, delta)
         y.round_()
-        zp = self.zero_point
         if zp.dim() == 0 and zp.device.type == "cpu":
             z = float(zp)  # scalar bounds: ATen's tensor-bound clamp is ~4x slower on CPU
             y.clamp_(-z, (self.n_levels - 1) - z)

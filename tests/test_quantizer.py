@@ -153,3 +153,22 @@ def test_inference_path_bit_identical_to_autograd_formula(bits, symmetric, chann
             Q.FUSED_INFERENCE = True
     assert torch.equal(y_inf, y_ref) and torch.equal(y_inf, y_train.detach())
     assert torch.equal(x, torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(bits)) * 3)  # not in place
+
+
+@pytest.mark.slow  # one torch.compile (~35 s on 2 CPU cores)
+def test_compiled_inference_kernel_matches_eager():
+    import eda.quantizer as Q
+
+    g = torch.Generator().manual_seed(0)
+    for channel_wise, shape in ((False, (4, 8, 6, 6)), (False, (2, 9, 16)), (True, (8, 4, 3, 3))):
+        x = torch.randn(*shape, generator=g) * 2
+        q = UniformQuantizer(4, symmetric=False, channel_wise=channel_wise, init="minmax")
+        q.init_from(x)
+        with torch.no_grad():
+            eager = q(x)
+            Q.COMPILED_INFERENCE = True
+            try:
+                compiled = q(x)
+            finally:
+                Q.COMPILED_INFERENCE = False
+        assert torch.equal(eager, compiled)
