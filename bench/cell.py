@@ -73,14 +73,43 @@ def calibration_union(model, requests: list[tuple[str, dict]]) -> tuple[int, lis
     return n, sorted(feats)
 
 
+def trajectory_spec(model, fp: str, cell: Cell, requests) -> dict:
+    n, feats = calibration_union(model, requests)
+    return {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(), "seed": cell.seed,
+            "n": n, "features": feats}
+
+
 def shared_trajectories(model, fp: str, cell: Cell, cache: ArtifactCache, requests, device: str):
     from eda.trajectories import record_trajectories
 
-    n, feats = calibration_union(model, requests)
-    spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(), "seed": cell.seed,
-            "n": n, "features": feats}
+    spec = trajectory_spec(model, fp, cell, requests)
     return cache.get("trajectories", spec, lambda: record_trajectories(
-        model, n, cell.seed, feature_modules=tuple(feats), batch_size=cell.batch_size, device=device))
+        model, spec["n"], cell.seed, feature_modules=tuple(spec["features"]), batch_size=cell.batch_size,
+        device=device))
+
+
+def shared_fp_eps(model, fp: str, cell: Cell, cache: ArtifactCache, requests, traj, device: str,
+                  k: int = EPS_MSE_SAMPLES) -> torch.Tensor:
+    """The FP half of the per-step noise-prediction error: the same for every method and bit width of a seed."""
+    spec = {**trajectory_spec(model, fp, cell, requests), "k": k}
+    return cache.get("fp_eps", spec, lambda: _eps_on_trajectory(model, None, traj, cell.batch_size, device, k))
+
+
+@torch.no_grad()
+def _eps_on_trajectory(model, unet, traj, batch_size: int, device: str, k: int) -> torch.Tensor:
+    """eps predictions of `unet` (None = FP) on the first k trajectories at every step: [S * k, ...] on CPU."""
+    xs, ts = traj.xs[:, :k].float(), traj.ts
+    S, n = xs.shape[:2]
+    flat_x = xs.reshape(S * n, *xs.shape[2:])
+    flat_t = ts.repeat_interleave(n)
+    cond = getattr(traj, "cond", None)
+    out = []
+    for s in range(0, len(flat_x), batch_size):
+        x, t = flat_x[s:s + batch_size].to(device), flat_t[s:s + batch_size].to(device)
+        c = None if cond is None else {kk: v[:n].repeat(S, *[1] * (v.dim() - 1))[s:s + batch_size]
+                                       for kk, v in cond.items()}
+        out.append(model.eps_fn(unet, c)(x, t).cpu())
+    return torch.cat(out)
 
 
 def fp_samples(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) -> dict:
@@ -96,22 +125,15 @@ def fp_samples(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) ->
 
 
 @torch.no_grad()
-def eps_mse_per_step(model, qunet, traj, batch_size: int, device: str, k: int = EPS_MSE_SAMPLES) -> list[float]:
-    """Mean squared difference of the quantized and FP noise predictions on the FP trajectory, per sampling step."""
-    xs, ts = traj.xs[:, :k].float(), traj.ts
-    S, n = xs.shape[:2]
-    flat_x = xs.reshape(S * n, *xs.shape[2:])
-    flat_t = ts.repeat_interleave(n)
-    cond = getattr(traj, "cond", None)
-    errs = []
-    for s in range(0, len(flat_x), batch_size):
-        x, t = flat_x[s:s + batch_size].to(device), flat_t[s:s + batch_size].to(device)
-        c = None if cond is None else {kk: v[:n].repeat(S, *[1] * (v.dim() - 1))[s:s + batch_size]
-                                       for kk, v in cond.items()}
-        e_fp = model.eps_fn(None, c)(x, t)
-        e_q = model.eps_fn(qunet, c)(x, t)
-        errs.append(((e_q - e_fp) ** 2).flatten(1).mean(1).cpu())
-    return torch.cat(errs).view(S, n).mean(1).tolist()
+def eps_mse_per_step(model, qunet, traj, batch_size: int, device: str, k: int = EPS_MSE_SAMPLES,
+                     fp_eps: torch.Tensor | None = None) -> list[float]:
+    """Mean squared difference of the quantized and FP noise predictions on the FP trajectory, per sampling step.
+    `fp_eps` (from `shared_fp_eps`) saves recomputing the FP half in every cell."""
+    if fp_eps is None:
+        fp_eps = _eps_on_trajectory(model, None, traj, batch_size, device, k)
+    e_q = _eps_on_trajectory(model, qunet, traj, batch_size, device, k)
+    S, n = traj.xs.shape[0], min(k, traj.xs.shape[1])
+    return ((e_q - fp_eps) ** 2).flatten(1).mean(1).view(S, n).mean(1).tolist()
 
 
 def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
@@ -233,7 +255,8 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row["calib_size"] = info.get("calib_size")
         alloc = info.get("allocation")
         row["allocation"] = None if alloc is None else [int(a) for a in alloc]
-        per_step = eps_mse_per_step(model, qunet, traj, cell.batch_size, device)
+        per_step = eps_mse_per_step(model, qunet, traj, cell.batch_size, device,
+                                    fp_eps=shared_fp_eps(model, fp, cell, cache, requests, traj, device))
         row["eps_mse_per_step"] = per_step
         row["eps_mse"] = float(sum(per_step) / len(per_step))
         log.info("noise-prediction MSE vs FP: %.4g", row["eps_mse"])

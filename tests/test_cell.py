@@ -1,0 +1,30 @@
+"""bench.cell: the per-step noise-prediction error reuses the shared FP half and equals the direct computation."""
+
+import torch
+
+from bench.artifacts import ArtifactCache, model_fingerprint
+from bench.cell import eps_mse_per_step, shared_fp_eps
+from bench.grid import Cell
+from bench.models import load_model
+from eda.policy import BitPolicy
+from eda.trajectories import record_trajectories
+from eda.wrap import init_ranges, quantize_unet
+
+torch.set_num_threads(1)
+
+
+def test_fp_eps_is_shared_and_the_error_unchanged(model_dir, tmp_path):
+    model = load_model(str(model_dir))
+    traj = record_trajectories(model, 6, seed=0, batch_size=6)
+    q = quantize_unet(model.unet, BitPolicy.from_bits("W4A8", w_init="minmax", a_init="minmax"))
+    init_ranges(q, traj.select(torch.arange(6) % traj.xs.shape[0]), batch_size=6)
+    cell = Cell("g", model.name, "rtn", "W4A8", 0, 8, batch_size=4)
+    cache, fp = ArtifactCache(tmp_path), model_fingerprint(model)
+    direct = eps_mse_per_step(model, q, traj, 4, "cpu", k=3)
+    e1 = shared_fp_eps(model, fp, cell, cache, [("rtn", {})], traj, "cpu", k=3)
+    e2 = shared_fp_eps(model, fp, cell, cache, [("rtn", {})], traj, "cpu", k=3)
+    assert e1 is e2 and cache.hits == {"memory": 1, "disk": 0, "computed": 1}
+    via_cache = eps_mse_per_step(model, q, traj, 4, "cpu", k=3, fp_eps=e1)
+    assert via_cache == direct and len(direct) == traj.xs.shape[0] and all(v > 0 for v in direct)
+    # a fresh cache on the same disk finds it there
+    assert torch.equal(shared_fp_eps(model, fp, cell, ArtifactCache(tmp_path), [("rtn", {})], traj, "cpu", k=3), e1)
