@@ -494,9 +494,13 @@ def write(rows: list[dict], env: dict, out_parquet: Path, page: Path) -> None:
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    for k in ("command", "device", "git_commit", "time"):
+    for k in ("command", "device", "git_commit", "time", "load_average"):
         df[k] = env[k]
     df["versions"] = json.dumps(env["versions"], sort_keys=True)
+    if out_parquet.is_file():  # keep the figures this run did not measure (e.g. `--only ray` later)
+        old = pd.read_parquet(out_parquet)
+        old = old[~old.figure.isin(set(df.figure))]
+        df = pd.concat([old, df], ignore_index=True) if len(old) else df
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_parquet.with_name(f".{out_parquet.name}.tmp")
     df.to_parquet(tmp, index=False)
@@ -513,9 +517,8 @@ TITLES = {"recon": "(a) Reconstruction iteration: cached FP targets vs the offic
 
 def render(df, env: dict) -> str:
     lines = ["# Performance (`python -m bench.perf`)", "",
-             f"Command: `{env['command']}` · device: {env['device']}, {env['cpus']} cores, {env['threads']} torch "
-             f"thread(s) · load average at start {env['load_average']:.1f} · commit `{env['git_commit'][:12]}` · "
-             f"{env['time']}", "",
+             f"Device: {env['device']}, {env['cpus']} cores, {env['threads']} torch thread(s). A figure measured by "
+             "an earlier `--only` run keeps its own command, time and load average below.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), "",
              "Every ratio compares two timings taken side by side in this run (interleaved, median of the "
              "repetitions). Absolute seconds are this machine's and only give scale.", ""]
@@ -523,8 +526,11 @@ def render(df, env: dict) -> str:
         part = df[df.figure == fig]
         if part.empty:
             continue
-        lines += [f"## {TITLES[fig]}", "", "| case | baseline | s | ours | s | ratio | target | met |",
-                  "|---|---|---|---|---|---|---|---|"]
+        first = part.iloc[0]
+        load = first.get("load_average", float("nan"))
+        lines += [f"## {TITLES[fig]}", "", f"Measured {first['time']} by `{first['command']}` (commit "
+                  f"`{str(first['git_commit'])[:12]}`, load average {load:.1f}).", "",
+                  "| case | baseline | s | ours | s | ratio | target | met |", "|---|---|---|---|---|---|---|---|"]
         for r in part.itertuples():
             sym = "x" if r.ratio_kind == "speedup" else "x of baseline"
             tgt = "" if r.target is None or r.target != r.target else (

@@ -76,3 +76,17 @@ def test_unknown_figure_is_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown figure" in err[0] and "recon" in err[0]
+
+
+def test_a_later_only_run_keeps_the_other_figures(tmp_path):
+    env = {"command": "python -m bench.perf", "device": "CPU", "cpus": 2, "threads": 1, "versions": {},
+           "git_commit": "abc", "time": "t1", "load_average": 1.0}
+    pq, page = tmp_path / "perf" / "perf.parquet", tmp_path / "perf.md"
+    perf.write([perf.row("sampling", "a", "FP", 1.0, "fq", 1.2, "overhead", 1.3)], env, pq, page)
+    perf.write([perf.row("ray", "b", "1 worker", 2.0, "2 workers", 1.0, "speedup", None, workers=2, efficiency=1.0)],
+               {**env, "command": "python -m bench.perf --only ray", "time": "t2"}, pq, page)
+    perf.write([perf.row("sampling", "c", "FP", 1.0, "fq", 1.1, "overhead", 1.3)], {**env, "time": "t3"}, pq, page)
+    df = pd.read_parquet(pq)
+    assert sorted(zip(df.figure, df.case, df.time)) == [("ray", "b", "t2"), ("sampling", "c", "t3")]
+    text = page.read_text()
+    assert "Measured t2 by `python -m bench.perf --only ray`" in text and "Measured t3" in text
