@@ -56,7 +56,8 @@ a 1.6M-parameter 16x16 model, so this ranks the recipes at a CPU budget. It does
     samples change class shapes that Inception features forgive, and the digits classifier does not.
 - **Ablations.** At W4A8, full EDA-DM is not distinguishable from either ablation on any metric (all paired
   intervals contain 0): at this budget neither TDAC alone nor FBR alone accounts for a measurable part of its lead
-  over the baselines, and the two together do not add up to more. At W3A8 TDAC-only is also within noise of EDA-DM.
+  over the baselines, and the two together do not add up to more. At W3A8 both ablations are also within noise of
+  EDA-DM.
   The paper's ablation gains are not reproduced here; see the TDAC note below for one reason.
 - **TDAC at this N.** With N = 256 calibration samples over 100 steps, the allocation rounds to 2-3 samples per step.
   The official repair then puts the whole rounding deficit on the single largest step (11 samples in the plot). So
