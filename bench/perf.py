@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -111,9 +110,7 @@ class _UnitBench:
     over the inner layers but the last, two Adam optimisers), with both iteration schemes."""
 
     def __init__(self, qmodel, fp_unet, unit, calib, batch: int):
-        from eda.adaround import AdaRoundQuantizer
-        from eda.recon import _collect_inputs, _unit_act_quantizers
-        from eda.quantizer import UniformQuantizer
+        from eda.recon import _collect_inputs, _unit_act_quantizers, attach_adaround
         from eda.units import unit_layers
 
         self.unit, self.batch = unit, batch
@@ -124,15 +121,7 @@ class _UnitBench:
         self.fp_layers = {n: (self.fp_unit.get_submodule(n) if n else self.fp_unit) for n in self.inner}
         self.q_in = _collect_inputs(qmodel, unit.module, calib, batch, "cpu", unit.name)
         self.fp_in = _collect_inputs(fp_unet, self.fp_unit, calib, batch, "cpu", unit.name)
-        ada = []
-        for layer in layers.values():
-            w = layer.module.weight.detach()
-            for name, sl in layer.weight_parts():
-                q = getattr(layer, name)
-                if isinstance(q, UniformQuantizer):
-                    q = AdaRoundQuantizer(q, w[:, sl])
-                    setattr(layer, name, q)
-                ada.append(q)
+        ada = attach_adaround(layers)
         acts = [q for q in _unit_act_quantizers(unit) if q.enabled and q.initialized]
         for q in acts:
             q.learn_delta(True)
@@ -161,6 +150,14 @@ class _UnitBench:
             tap.remove()
         return out, [tap.out[n] for n in self.inner]
 
+    def _fbr_loss(self, out, inner_out: dict, targets):
+        """FBR (eda-dm.md §2): block-output MSE + gamma 0.8 x the inner layers' MSEs, as eda.recon computes it."""
+        from eda.quantizer import lp_loss
+
+        tgt, tgt_inner = targets
+        return lp_loss(out, tgt) + 0.8 * sum((lp_loss(inner_out[n], t) for n, t in zip(self.inner, tgt_inner)),
+                                             torch.zeros(()))
+
     def _step(self, loss):
         for o in self.opts:
             o.zero_grad(set_to_none=True)
@@ -170,35 +167,28 @@ class _UnitBench:
 
     def cached_iteration(self):
         """Ours: one quantized forward (inner outputs tapped on the way), loss against the cached targets."""
-        from eda.quantizer import lp_loss
         from eda.recon import _first
 
-        tgt, tgt_inner = self.cached
         tap = self._tap(self.q_layers)
         try:
             out = _first(self.unit.module(*self.args, **self.kwargs))
         finally:
             tap.remove()
-        loss = lp_loss(out, tgt) + 0.8 * sum((lp_loss(tap.out[n], t) for n, t in zip(self.inner, tgt_inner)),
-                                             torch.zeros(()))
-        self._step(loss)
+        self._step(self._fbr_loss(out, tap.out, self.cached))
 
     def official_iteration(self):
         """The official scheme: quantized forward for the block output, an FP forward for the targets, and another
         quantized forward for the inner-layer outputs; the loss back-propagates through both quantized passes."""
-        from eda.quantizer import lp_loss
         from eda.recon import _first
 
         out = _first(self.unit.module(*self.args, **self.kwargs))
-        tgt, tgt_inner = self._fp_targets()
+        targets = self._fp_targets()
         tap = self._tap(self.q_layers)
         try:
             _first(self.unit.module(*self.args, **self.kwargs))
         finally:
             tap.remove()
-        loss = lp_loss(out, tgt) + 0.8 * sum((lp_loss(tap.out[n], t) for n, t in zip(self.inner, tgt_inner)),
-                                             torch.zeros(()))
-        self._step(loss)
+        self._step(self._fbr_loss(out, tap.out, targets))
 
 
 def _units_by_kind(qmodel):
@@ -582,7 +572,6 @@ def main(argv=None):
         rows += fns[f](args)
         write(rows, env, out / "perf" / "perf.parquet", out / "perf.md")  # after each figure: nothing lost
     print(f"wrote {out / 'perf.md'} and {out / 'perf' / 'perf.parquet'}")
-    shutil.rmtree(out / "perf" / "tmp", ignore_errors=True)
     return 0
 
 

@@ -167,6 +167,22 @@ def _unit_act_quantizers(unit: Unit) -> list[UniformQuantizer]:
     return qs
 
 
+def attach_adaround(layers: dict[str, QuantLayer]) -> list[AdaRoundQuantizer]:
+    """Swap each layer's uniform weight quantizer(s) for AdaRound on the same grid; returns the ones still soft
+    (learnable). Units reconstructed earlier keep their hardened rounding."""
+    ada = []
+    for layer in layers.values():
+        w = layer.module.weight.detach()
+        for name, sl in layer.weight_parts():
+            q = getattr(layer, name)
+            if isinstance(q, UniformQuantizer):
+                q = AdaRoundQuantizer(q, w[:, sl])
+                setattr(layer, name, q)
+            if isinstance(q, AdaRoundQuantizer) and q.soft_targets:
+                ada.append(q)
+    return ada
+
+
 def reconstruct(qmodel: nn.Module, fp_unet: nn.Module, calib: CalibSet, cfg: ReconConfig | None = None,
                 progress: bool = True) -> dict:
     """Reconstruct every unit of `qmodel` in forward order against `fp_unet`; returns a report
@@ -253,17 +269,7 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
         res["mse_before"] = eval_mse()
 
     # learnable parameters: AdaRound alphas for weights, step sizes for activations
-    ada: list[AdaRoundQuantizer] = []
-    if cfg.learn_weights and w_on and cfg.iters > 0:
-        for layer in layers.values():
-            w = layer.module.weight.detach()
-            for name, sl in layer.weight_parts():
-                q = getattr(layer, name)
-                if isinstance(q, UniformQuantizer):
-                    q = AdaRoundQuantizer(q, w[:, sl])
-                    setattr(layer, name, q)
-                if isinstance(q, AdaRoundQuantizer) and q.soft_targets:
-                    ada.append(q)
+    ada = attach_adaround(layers) if cfg.learn_weights and w_on and cfg.iters > 0 else []
     deltas = []
     if cfg.learn_act_delta and cfg.iters > 0:
         for q in q_act:

@@ -22,38 +22,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.errors import BenchError
-from bench.run import main
 from bench.store import partition_dir, read_runs, remove_stale_temps, write_row
 from tests.conftest_ray import REPO, ray_session  # noqa: F401 - the session-wide Ray cluster
+from tests.test_run import run
+from tests.test_run import write_grid as _write_grid
 from tests.test_store import make_row
 
 PLUGINS = ["tests.harness_plugin", "tests.fault_plugin"]
 
 
 def write_grid(tmp_path, methods, bits=("W8A8",), extra="", metrics=()):
-    p = tmp_path / "t.toml"
-    p.write_text(f"""
-name = "t"
-imports = {PLUGINS}
-[defaults]
-methods = {list(methods)}
-bits = {list(bits)}
-seeds = [0]
-samples = 8
-batch_size = 8
-metrics = {list(metrics)}
-{extra}
-[[model]]
-name = "test-tiny"
-""".replace("'", '"'))
-    return str(p)
-
-
-def run(*argv):
-    try:
-        return main([*argv, "--no-progress"])
-    except SystemExit as e:
-        return e.code
+    return _write_grid(tmp_path, methods, bits, extra=extra, plugins=PLUGINS, metrics=metrics)
 
 
 def temps(root) -> list[Path]:

@@ -135,7 +135,7 @@ def test_parse_bits_and_policy():
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("channel_wise", [True, False])
-def test_inference_path_bit_identical_to_autograd_formula(bits, symmetric, channel_wise):
+def test_inference_path_bit_identical_to_autograd_formula(bits, symmetric, channel_wise, monkeypatch):
     # Sampling uses the in-place no-grad path; it must reproduce the reconstruction forward exactly.
     import eda.quantizer as Q
 
@@ -146,17 +146,14 @@ def test_inference_path_bit_identical_to_autograd_formula(bits, symmetric, chann
     y_train = q(x)  # grad mode: the autograd formula
     with torch.no_grad():
         y_inf = q(x)
-        Q.FUSED_INFERENCE = False
-        try:
-            y_ref = q(x)
-        finally:
-            Q.FUSED_INFERENCE = True
+        monkeypatch.setattr(Q, "FUSED_INFERENCE", False)
+        y_ref = q(x)
     assert torch.equal(y_inf, y_ref) and torch.equal(y_inf, y_train.detach())
     assert torch.equal(x, torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(bits)) * 3)  # not in place
 
 
 @pytest.mark.slow  # one torch.compile (~35 s on 2 CPU cores)
-def test_compiled_inference_kernel_matches_eager():
+def test_compiled_inference_kernel_matches_eager(monkeypatch):
     import eda.quantizer as Q
 
     g = torch.Generator().manual_seed(0)
@@ -165,10 +162,8 @@ def test_compiled_inference_kernel_matches_eager():
         q = UniformQuantizer(4, symmetric=False, channel_wise=channel_wise, init="minmax")
         q.init_from(x)
         with torch.no_grad():
+            monkeypatch.setattr(Q, "COMPILED_INFERENCE", False)
             eager = q(x)
-            Q.COMPILED_INFERENCE = True
-            try:
-                compiled = q(x)
-            finally:
-                Q.COMPILED_INFERENCE = False
+            monkeypatch.setattr(Q, "COMPILED_INFERENCE", True)
+            compiled = q(x)
         assert torch.equal(eager, compiled)

@@ -11,17 +11,20 @@ from tests.conftest_ray import ray_session  # noqa: F401 - the session-wide Ray 
 PLUGIN = "tests.harness_plugin"
 
 
-def write_grid(tmp_path, methods, bits=("W8A8", "W4A8"), seeds=(0,), extra="", more=""):
+def write_grid(tmp_path, methods, bits=("W8A8", "W4A8"), seeds=(0,), extra="", more="", plugins=(PLUGIN,),
+               metrics=None):
+    metrics_line = "" if metrics is None else f"metrics = {list(metrics)}"
     p = tmp_path / "t.toml"
     p.write_text(f"""
 name = "t"
-imports = ["{PLUGIN}"]
+imports = {list(plugins)}
 [defaults]
 methods = {list(methods)}
 bits = {list(bits)}
 seeds = {list(seeds)}
 samples = 8
 batch_size = 8
+{metrics_line}
 {extra}
 [[model]]
 name = "test-tiny"
