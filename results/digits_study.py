@@ -42,7 +42,8 @@ a 1.6M-parameter 16x16 model, so this ranks the recipes at a CPU budget. It does
   both settings and against Q-Diffusion at W4A8. It also has the lowest Inception FID at W3A8.
 - **Where EDA-DM does not win.**
   - At W8A8, EDA-DM is not distinguishable from round-to-nearest on any metric. Every paired interval contains 0,
-    and RTN's digits-FID vs FP is 0.12 against EDA-DM's 0.42.
+    and RTN's digits-FID vs FP is 0.12 against EDA-DM's 0.42. It is also not distinguishable from Q-Diffusion
+    there (FID vs FP 6.1 against 5.8): 8-bit weights leave little for any reconstruction to recover.
   - PTQ4DM's Inception FID at W8A8 and W4A8 is the same as EDA-DM's (paired differences -0.3 ± 3.1 and +0.4 ± 0.6),
     although its samples drift much further from the FP samples (FID vs FP 17.0 and 14.6 against 6.1 and 7.1).
   - Against Q-Diffusion at W3A8 the intervals are too wide to call. One Q-Diffusion seed degrades badly there.
@@ -57,7 +58,8 @@ a 1.6M-parameter 16x16 model, so this ranks the recipes at a CPU budget. It does
 - **Ablations.** At W4A8, full EDA-DM is not distinguishable from either ablation on any metric (all paired
   intervals contain 0): at this budget neither TDAC alone nor FBR alone accounts for a measurable part of its lead
   over the baselines, and the two together do not add up to more. At W3A8 both ablations are also within noise of
-  EDA-DM.
+  EDA-DM, and at W8A8 all three agree to a tenth of an FID point (FID vs FP 6.1 each; paired differences
+  -0.02 ± 0.09 against TDAC-only and +0.03 ± 0.93 against FBR-only).
   The paper's ablation gains are not reproduced here; see the TDAC note below for one reason.
 - **TDAC at this N.** With N = 256 calibration samples over 100 steps, the allocation rounds to 2-3 samples per step.
   The official repair then puts the whole rounding deficit on the single largest step (11 samples in the plot). So
