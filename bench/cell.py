@@ -160,7 +160,7 @@ def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str
     scores = {}
     if wanted or vs_fp:
         scores = evaluate(images, dataset, metrics=wanted, fp_images=fp_images if vs_fp else None, device=device,
-                          progress=False)
+                          split=reference_split(model), progress=False)
         if "digits_fid_vs_fp" not in cell.metrics:
             scores.pop("digits_fid_vs_fp", None)
     if "digits_fid_vs_fp" in cell.metrics and not is_fp and "digits_fid_vs_fp" not in scores:
@@ -180,6 +180,12 @@ def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str
     return scores
 
 
+def reference_split(model) -> str | None:
+    """The split a model's FID is measured against: its zoo card's (e.g. COCO val2014 for Stable Diffusion, as in
+    the paper's Tab. 3), else None = bench.metrics.default_split (held-out test for digits, train otherwise)."""
+    return model.defaults.get("reference_split")
+
+
 def require_reference(model, cell: Cell) -> None:
     """BenchError (evaluate's own line) when the reference data or the networks the cell's metrics need are missing:
     checked before sampling, which may take hours (bench.metrics.reference_available reads no image)."""
@@ -191,7 +197,7 @@ def require_reference(model, cell: Cell) -> None:
 
         weights_path("fid-helper")  # the Inception network, no reference set
     if wanted:
-        ok, why = reference_available(model.dataset, metrics=wanted)
+        ok, why = reference_available(model.dataset, split=reference_split(model), metrics=wanted)
         if not ok:
             raise BenchError(why)
 

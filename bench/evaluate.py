@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.errors import UsageError, cli_main
-from bench.metrics import ALL_METRICS, evaluate
+from bench.errors import BenchError, UsageError, cli_main
+from bench.metrics import ALL_METRICS, default_split, evaluate
 from bench.sampling import SamplerConfig, timesteps
 
 LABELS = {"fid": "FID (Inception)", "kid": "KID (Inception)", "is": "Inception Score", "sfid": "sFID",
@@ -205,7 +205,15 @@ def main(argv=None):
 
     from bench.models import load_model
 
+    from bench.cell import reference_split
+    from bench.metrics import reference_available
+
     model = load_model(args.model, device=args.device)
+    split = args.split or reference_split(model)
+    # before sampling, which takes minutes to hours: a missing reference set or network fails in milliseconds
+    ok, why = reference_available(model.dataset, split, metrics, args.reference_dir, args.extractor)
+    if not ok:
+        raise BenchError(why)
     cfg = _sampler(args, model)
     images, seconds = sample_images(model, args.n, args.seed, cfg, args.batch_size, args.device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # CPU timings mean little on a busy machine
@@ -213,10 +221,10 @@ def main(argv=None):
           f"({1000 * seconds / args.n:.0f} ms/image, {args.device}, {args.threads} thread(s))")
     if args.out:
         print(f"wrote {save_grid(images, args.out)}")
-    kw = {"split": args.split, "reference_dir": args.reference_dir, "extractor": args.extractor,
+    kw = {"split": split, "reference_dir": args.reference_dir, "extractor": args.extractor,
           "device": args.device, "seed": args.seed}
     result = evaluate(images, model.dataset, metrics, **kw)
-    ref_split = args.split or ("test" if model.dataset == "digits" else "train")
+    ref_split = default_split(model.dataset, split)
     print(f"metrics vs {model.dataset}/{ref_split} ({args.n} samples):\n{format_metrics(result)}")
     if args.card:
         if model.dataset != "digits":

@@ -182,7 +182,8 @@ def _reference_folder(dataset: str, split: str, reference_dir) -> Path:
 
 def _no_reference_images(dataset: str, split: str, folder: Path) -> str:
     return (f"no reference images for {dataset} (split {split!r}) in {folder}; put the image files "
-            f"(PNG/JPEG) there, set EDA_BENCH_DATA, or pass --reference-dir (reference_dir=)")
+            f"(PNG/JPEG) there or set EDA_BENCH_DATA to a folder holding {dataset}/{split}/ "
+            f"(bench.evaluate also takes --reference-dir)")
 
 
 def _reference_images(dataset: str, split: str, res: int, reference_dir: str | os.PathLike | None) -> torch.Tensor:

@@ -145,11 +145,15 @@ def reference_status(cell: Cell) -> tuple[bool, str]:
     from bench.cell import HARNESS_METRICS
     from bench.metrics import reference_available
 
+    from bench.zoo import ZOO
+
     dataset = model_dataset(cell.model)
     wanted = tuple(m for m in cell.metrics if m not in HARNESS_METRICS)
     if dataset is None or not wanted:
         return True, ""
-    return reference_available(dataset, metrics=wanted)
+    # the zoo card's split (COCO val2014 for Stable Diffusion), as the worker's evaluate_cell will use
+    entry = ZOO.get(cell.model)
+    return reference_available(dataset, split=entry.reference_split if entry is not None else None, metrics=wanted)
 
 
 def default_sampler(name: str) -> str:
@@ -210,15 +214,19 @@ def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, re
         print(f"  {grid.description.strip().splitlines()[0]}")
     for block in grid.models:
         ok, why = status[block["name"]]
-        mine = [c for c in cells if c.model == block["name"]]
+        # A grid may list one model in several blocks (digits.toml orders its run that way), so count this
+        # block's own cells, not every cell of the model.
+        left = {c.key for c in todo}
         sampler = block.get("sampler") or default_sampler(block["name"])
         print(f"\nmodel {block['name']}  [{'available' if ok else 'UNAVAILABLE'}: {why}]")
         print(f"  sampler {sampler}; {block['samples']} samples; seeds {block['seeds']}; metrics "
               f"{', '.join(block['metrics']) or '-'}")
         for m in block["methods"]:
             bits = ["FP"] if m == FP_METHOD else block["bits"]
-            n = sum(1 for c in mine if c.method == m)
-            print(f"  {m:<20} {' '.join(bits):<24} {n} cells")
+            mine = [c for c in cells if c.model == block["name"] and c.method == m
+                    and c.bits in bits and c.seed in block["seeds"]]
+            n_left = sum(1 for c in mine if c.key in left)
+            print(f"  {m:<20} {' '.join(bits):<24} {len(mine)} cells, {n_left} to run")
     want = grid.resources
     print(f"\nresources: each actor asks Ray for num_gpus={want.get('gpus_per_worker', 1)} "
           f"num_cpus={want.get('cpus_per_worker', 1)} (one actor per GPU; per CPU slot when there is no GPU)")

@@ -145,6 +145,18 @@ class Pending:
 _KEPT: dict = {}  # actors kept alive between execute() calls of one driver (keep_actors=True), by their options
 
 
+def crash_message(times: int, e: Exception) -> str:
+    """The failed row of a cell whose worker process died (no Python error to report). The commonest cause is
+    memory: the kernel's OOM killer sends SIGKILL, and Ray's memory monitor kills the biggest worker first."""
+    text = str(e)
+    if "low on memory" in text or "memory monitor" in text:
+        cause = "killed for memory by Ray's memory monitor"
+    else:
+        cause = "the process died without a Python error, most often the OS out-of-memory killer (check dmesg)"
+    return (f"worker crashed {times} times running this cell ({type(e).__name__}: {cause}); lower batch_size in "
+            f"the grid or run fewer workers (--max-workers), and see the Ray worker logs")
+
+
 def _actors(n: int, key: tuple, new_actor) -> list[Slot]:
     """n idle actors: reuse the kept ones if they were made with the same options, else start new ones."""
     kept = _KEPT.pop(key, [])
@@ -257,8 +269,7 @@ class Dispatcher:
             if self.progress:
                 self.progress.requeued()
             if n > self.retries + 1:
-                self._fail_without_running(cell, f"worker crashed {n - 1} times running this cell "
-                                                 f"({type(e).__name__}); see the Ray worker logs", n - 1)
+                self._fail_without_running(cell, crash_message(n - 1, e), n - 1)
             else:
                 self.pending.push(cell, front=True)
         # give the restarted (or replaced) actor work only once it answers

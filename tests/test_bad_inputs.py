@@ -225,8 +225,14 @@ def test_paper_model_offline_subprocess(tmp_path):
 
 def test_missing_reference_statistics_offline(model_dir, tmp_path, monkeypatch, capsys):
     """FID against a dataset whose reference images/statistics are not here: one line naming the folder and the
-    variable to set (exit 1), after sampling, not a traceback from the extractor."""
+    variable to set (exit 1), before sampling, not a traceback from the extractor."""
+    import bench.evaluate
     from bench.evaluate import main
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before checking the reference data")
+
+    monkeypatch.setattr(bench.evaluate, "sample_images", no_sampling)
 
     d = tmp_path / "cifar-like"
     d.mkdir()

@@ -28,3 +28,29 @@ def test_fp_eps_is_shared_and_the_error_unchanged(model_dir, tmp_path):
     assert via_cache == direct and len(direct) == traj.xs.shape[0] and all(v > 0 for v in direct)
     # a fresh cache on the same disk finds it there
     assert torch.equal(shared_fp_eps(model, fp, cell, ArtifactCache(tmp_path), [("rtn", {})], traj, "cpu", k=3), e1)
+
+
+def test_reference_split_comes_from_the_model_card(tmp_path, monkeypatch):
+    """A zoo card's reference split (COCO val2014 for Stable Diffusion, EDA-DM Tab. 3) is what the cell checks and
+    evaluates against, not the default train split."""
+    import types
+
+    import pytest
+    from PIL import Image
+
+    from bench.cell import require_reference
+    from bench.errors import BenchError
+
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path))
+    monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "coco" / "train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "coco" / "train" / "a.png")
+    cell = Cell("g", "m", "rtn", "W4A8", 0, 8, metrics=("fid",))
+    card = types.SimpleNamespace(dataset="coco", defaults={"reference_split": "val2014"})
+    with pytest.raises(BenchError, match="split 'val2014'"):
+        require_reference(card, cell)
+    (tmp_path / "coco" / "val2014").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "coco" / "val2014" / "a.png")
+    require_reference(card, cell)
+    # a model without a card split uses the default (train here), which has an image
+    require_reference(types.SimpleNamespace(dataset="coco", defaults={}), cell)

@@ -148,6 +148,19 @@ def test_oom_errors_are_one_line_with_the_fix():
     assert format_error(ValueError("bad\nvalue")) == "ValueError: bad"
 
 
+def test_a_worker_killed_for_memory_says_so():
+    """A process killed by the kernel's OOM killer or Ray's memory monitor leaves no Python error; its failed row
+    still names memory as the likely cause and the fix (the grid-level path is test_run's test-abort cell)."""
+    from bench.worker import crash_message
+
+    killed = crash_message(2, RuntimeError("worker exited unexpectedly"))
+    monitor = crash_message(1, RuntimeError("Task was killed due to the node running low on memory. Memory on ..."))
+    for line in (killed, monitor):
+        assert len(line.splitlines()) == 1 and "batch_size" in line and "--max-workers" in line
+    assert killed.startswith("worker crashed 2 times") and "out-of-memory killer" in killed
+    assert monitor.startswith("worker crashed 1 times") and "killed for memory by Ray's memory monitor" in monitor
+
+
 def test_oom_cell_fails_alone_and_the_worker_keeps_serving(ray_session, tmp_path):  # noqa: F811
     # one worker: the cells after the out-of-memory ones run on the same actor
     grid = write_grid(tmp_path, ["test-oom", "test-oom-cuda", "test-ok", "fp"])
@@ -401,3 +414,22 @@ def test_driver_killed_mid_grid_then_resumed(tmp_path):
         time.sleep(1)
     left = {q: tree[q] for q in tree if alive(q) and cmdline(q) == tree[q]}
     assert not left, left
+
+
+def test_driver_checks_the_zoo_split(tmp_path, monkeypatch):
+    """Stable Diffusion's FID reference is COCO val2014 (its zoo card): images under coco/train do not count."""
+    from PIL import Image
+
+    from bench.grid import Cell
+    from bench.run import reference_status
+
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "data" / "coco" / "train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "coco" / "train" / "a.png")
+    cell = Cell("g", "sd-v1-4", "fp", "FP", 0, 8, metrics=("fid",))
+    ok, why = reference_status(cell)
+    assert not ok and "split 'val2014'" in why and str(tmp_path / "data" / "coco" / "val2014") in why
+    (tmp_path / "data" / "coco" / "val2014").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "coco" / "val2014" / "a.png")
+    assert reference_status(cell) == (True, "")

@@ -52,6 +52,7 @@ def test_crash_retry_failure_and_shared_artifacts(ray_session, tmp_path):  # noq
     # a cell whose worker always dies is retried a bounded number of times, then recorded as failed
     assert df.loc[("test-abort", "W3A8"), "status"] == "failed"
     assert "worker crashed 2 times" in df.loc[("test-abort", "W3A8"), "error"]
+    assert "out-of-memory killer" in df.loc[("test-abort", "W3A8"), "error"]
     # the cell that raised is recorded with its error; the grid went on
     for bits in ("W8A8", "W4A8"):
         assert df.loc[("test-raise", bits), "status"] == "failed"
@@ -107,9 +108,23 @@ def test_dry_run_full_plans_offline(capsys):
     for b in blocks:
         lines = {ln.split()[0]: ln.split()[1:] for ln in b.splitlines()[2:] if ln.startswith("  ") and ln.split()}
         for m in methods:
-            assert lines[m][:-2] == (["FP"] if m == "fp" else ["W8A8", "W4A8"]), (m, lines[m])
+            assert lines[m][:-5] == (["FP"] if m == "fp" else ["W8A8", "W4A8"]), (m, lines[m])
+            n = 1 if m == "fp" else 2
+            assert lines[m][-5:] == [str(n), "cells,", str(n), "to", "run"], (m, lines[m])
         assert "available" in b.splitlines()[0] or "UNAVAILABLE" in b.splitlines()[0]
     assert "resources:" in text
+
+
+def test_dry_run_counts_each_block_of_a_repeated_model(tmp_path, capsys):
+    # digits.toml lists one model in several blocks; each line counts its own block's cells and what is left
+    grid = write_grid(tmp_path, ["fp", "test-ok"], bits=("W8A8", "W4A8"), seeds=(0, 1),
+                      more='[[model]]\nname = "test-tiny"\nmethods = ["test-ok"]\nbits = ["W3A8"]\n')
+    assert run("--grid", grid, "--dry-run", "--out", str(tmp_path / "out")) == 0
+    text = capsys.readouterr().out
+    assert "grid t: 8 cells, 8 to run (0 already in the store)" in text
+    lines = [ln.split() for ln in text.splitlines() if ln.startswith("  test-ok")]
+    assert lines == [["test-ok", "W8A8", "W4A8", "4", "cells,", "4", "to", "run"],
+                     ["test-ok", "W3A8", "2", "cells,", "2", "to", "run"]]
 
 
 def test_unavailable_model_fails_fast(tmp_path, capsys):
