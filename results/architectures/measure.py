@@ -7,14 +7,16 @@ call for one sample: a batch of 2 for classifier-free guidance) in FP and with W
 (eda.wrap.quantize_unet), and a reconstruction-cost estimate per unit. eda.recon is not used: one proxy iteration
 (an FP forward of the unit, two fake-quant forwards, one backward; EDA-DM's FBR runs 3 forwards per iteration,
 eda-dm.md §2) is timed at batch 1 on the unit's real input for a few units of each kind, and extrapolated to the
-official budget as iters x batch x t_iter (linear in batch, an approximation). Timings are single runs (no warm-up
-unless --warmup) on a shared machine, reported as CPU and wall seconds; treat them as orders of magnitude.
+official budget as iters x batch x t_iter (linear in batch, an approximation). Step times run without autograd, as
+sampling does. Timings are single runs (no warm-up unless --warmup) on a shared machine, reported as CPU and wall
+seconds; treat them as orders of magnitude.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -93,8 +95,9 @@ class Timer:
 
 
 @torch.no_grad()
+@torch.no_grad()  # as sampling runs: without autograd the fake-quant fast path (eda.quantizer) applies
 def time_forward(unet, x, t, kw, warmup: bool) -> dict[str, float]:
-    if warmup:
+    if warmup:  # also fills eda.wrap's fake-quantized weight cache, as the first sampling step does
         unet(x, t, **kw)
     with Timer() as tm:
         unet(x, t, **kw)
@@ -135,7 +138,7 @@ def measure(name: str, warmup: bool) -> dict:
     unet, parts, cond, cfg = build(name)
     unet.eval()
     res = {"name": name, "unet_class": type(unet).__name__, "params": {"unet": nparams(unet)},
-           "build_seconds": 0.0}
+           "build_seconds": 0.0, "warmup": warmup}
     res["params"].update({k: nparams(v) for k, v in parts.items()})
     del parts
     res["build_seconds"] = time.perf_counter() - t0
@@ -187,6 +190,7 @@ def measure(name: str, warmup: bool) -> dict:
     # CFG models reconstruct on [uncond; cond] pairs: twice the batch (eda-dm.md §1 step 6).
     res["recon_estimate_s"] = per_iter_total * d["iters"] * d["batch_size"] * res["unet_batch_per_step"]
     res["total_seconds"] = time.perf_counter() - t0
+    res["loadavg"], res["cpus"] = os.getloadavg()[0], os.cpu_count()
     del q, unet
     return res
 
@@ -198,6 +202,13 @@ def _fmt_s(s: float) -> str:
         if s >= div:
             return f"{s / div:.1f} {unit}"
     return f"{s:.3g} s"
+
+
+def _load_note(r: dict) -> str:
+    if "loadavg" not in r:  # pages measured before the load was recorded
+        return "The wall column was taken with other jobs competing for the cores."
+    return (f"The 1-minute load average when this model was measured was {r['loadavg']:.2f} on {r['cpus']} cores "
+            "(above the core count, other jobs were competing for them).")
 
 
 def page(r: dict, env: str) -> str:
@@ -223,7 +234,7 @@ def page(r: dict, env: str) -> str:
           f"{_fmt_s(r[k]['cpu'] * o['steps'] * r['unet_batch_per_step'])} |"
           for lbl, k in (("FP32", "fp_step_s"), ("W8A8 fake-quant", "wq_aq_step_s"))], "",
         "CPU s = process time summed over the torch threads; an idle machine would take roughly CPU s / threads "
-        "to CPU s of wall time. The wall column was taken with other jobs competing for the cores.", "",
+        "to CPU s of wall time. " + _load_note(r), "",
         "Fake quantization simulates integers in float32, so it is slower than FP on any device; the papers' "
         "speed-ups need integer kernels.", "",
         "## Reconstruction cost per unit (CPU, proxy)", "",
@@ -236,7 +247,10 @@ def page(r: dict, env: str) -> str:
         f"`/work/venv/bin/python results/architectures/measure.py` on {env}; no GPU was available in this "
         "session, so there are no GPU numbers. A proxy iteration = an FP forward of the unit (the target), two "
         "W8A8 fake-quant forwards and one backward, on the unit's real input captured from a UNet call at t=500. "
-        f"Single timed runs without warm-up on a machine shared with other jobs (this model: "
+        "The step times run without autograd, as sampling does (so the fake-quant fast path applies)"
+        + (", after one untimed warm-up call; " if r.get("warmup") else "; ")
+        + "the proxy iterations are single runs without warm-up. "
+        f"Measured on a shared machine (this model: "
         f"{r['total_seconds']:.0f} s wall in all): orders of magnitude, not benchmarks.", "",
     ]
     return "\n".join(lines)
@@ -255,7 +269,7 @@ def index() -> str:
         "# The papers' architectures on CPU (random weights)", "",
         "Produced by `results/architectures/measure.py` (see its docstring); no GPU was available, so CPU only.",
         "Times are CPU seconds (process time over 2 torch threads) for one UNet call on one sample, measured on a "
-        "shared, oversubscribed 2-core machine: orders of magnitude.", "",
+        "shared 2-core machine (the load average at measurement time is on each page): orders of magnitude.", "",
         "| model | UNet params | FP parts | FP s / call | W8A8 fake-quant s / call | units | reconstruction estimate "
         "(official budget) |", "|---|---|---|---|---|---|---|", *rows, ""])
 
