@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.errors import BenchError, UsageError, cli_main
-from bench.metrics import ALL_METRICS, default_split, evaluate
+from bench.metrics import ALL_METRICS, default_split, evaluate, reference_available
 from bench.sampling import SamplerConfig, timesteps
 
 LABELS = {"fid": "FID (Inception)", "kid": "KID (Inception)", "is": "Inception Score", "sfid": "sFID",
@@ -203,10 +203,8 @@ def main(argv=None):
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     torch.set_num_threads(args.threads)
 
-    from bench.models import load_model
-
     from bench.cell import reference_split
-    from bench.metrics import reference_available
+    from bench.models import load_model
 
     model = load_model(args.model, device=args.device)
     split = args.split or reference_split(model)

@@ -129,14 +129,13 @@ def model_status(name: str) -> tuple[bool, str]:
     return bool(ok), why
 
 
-def model_dataset(name: str) -> str | None:
-    """The dataset a zoo model is evaluated on, without loading it (None for other models: known only once loaded)."""
-    try:
-        from bench.zoo import ZOO
-    except ImportError:
-        return None
+def model_reference(name: str) -> tuple[str, str] | None:
+    """(dataset, reference split) a zoo model is evaluated against, without loading it (None for other models:
+    known only once loaded). The split is the card's, as the worker's evaluate_cell uses (COCO val2014 for SD)."""
+    from bench.zoo import ZOO
+
     entry = ZOO.get(name)
-    return entry.dataset if entry is not None else None
+    return None if entry is None else (entry.dataset, entry.reference_split)
 
 
 def reference_status(cell: Cell) -> tuple[bool, str]:
@@ -145,15 +144,12 @@ def reference_status(cell: Cell) -> tuple[bool, str]:
     from bench.cell import HARNESS_METRICS
     from bench.metrics import reference_available
 
-    from bench.zoo import ZOO
-
-    dataset = model_dataset(cell.model)
+    ref = model_reference(cell.model)
     wanted = tuple(m for m in cell.metrics if m not in HARNESS_METRICS)
-    if dataset is None or not wanted:
+    if ref is None or not wanted:
         return True, ""
-    # the zoo card's split (COCO val2014 for Stable Diffusion), as the worker's evaluate_cell will use
-    entry = ZOO.get(cell.model)
-    return reference_available(dataset, split=entry.reference_split if entry is not None else None, metrics=wanted)
+    dataset, split = ref
+    return reference_available(dataset, split=split, metrics=wanted)
 
 
 def default_sampler(name: str) -> str:
@@ -212,17 +208,17 @@ def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, re
     print(f"grid {grid.name}: {len(cells)} cells, {len(todo)} to run ({len(cells) - len(todo)} already in the store)")
     if grid.description:
         print(f"  {grid.description.strip().splitlines()[0]}")
+    left = {c.key for c in todo}
     for block in grid.models:
         ok, why = status[block["name"]]
-        # A grid may list one model in several blocks (digits.toml orders its run that way), so count this
-        # block's own cells, not every cell of the model.
-        left = {c.key for c in todo}
         sampler = block.get("sampler") or default_sampler(block["name"])
         print(f"\nmodel {block['name']}  [{'available' if ok else 'UNAVAILABLE'}: {why}]")
         print(f"  sampler {sampler}; {block['samples']} samples; seeds {block['seeds']}; metrics "
               f"{', '.join(block['metrics']) or '-'}")
         for m in block["methods"]:
             bits = ["FP"] if m == FP_METHOD else block["bits"]
+            # A grid may list one model in several blocks (digits.toml orders its run that way): count this
+            # block's own cells, not every cell of the model.
             mine = [c for c in cells if c.model == block["name"] and c.method == m
                     and c.bits in bits and c.seed in block["seeds"]]
             n_left = sum(1 for c in mine if c.key in left)

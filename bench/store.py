@@ -14,6 +14,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -104,20 +105,14 @@ def disk_full_error(path: str | os.PathLike, e: OSError) -> BenchError:
                       "rerun the same command: finished cells are kept and skipped")
 
 
-def write_row(root: str | os.PathLike, row: dict) -> Path:
-    """Write one result row as its own Parquet file, atomically. Returns the final path.
-
-    A write that fails (disk full: one-line BenchError) removes its temp file, so no partial Parquet is left."""
-    missing = [k for k in PARTITIONS if not row.get(k)]
-    if missing:
-        raise BenchError(f"result row lacks partition keys {missing}; this is a harness bug")
-    d = partition_dir(root, row["grid"], row["model"], row["method"])
-    table = _table([row], FILE_SCHEMA)
-    tmp = d / f"{TEMP_PREFIX}{uuid.uuid4().hex}.parquet"
-    final = d / f"{row['cell_key']}-{uuid.uuid4().hex[:8]}.parquet"
+def write_atomic(final: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` to a dotfile temp beside `final`, fsync, then rename: readers see the whole file or none. A write
+    that fails removes its temp (disk full: one-line BenchError); a SIGKILLed writer's temp is reclaimed later by
+    remove_stale_temps."""
+    tmp = final.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}{final.suffix}"
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -129,6 +124,16 @@ def write_row(root: str | os.PathLike, row: dict) -> Path:
         if tmp.exists():
             tmp.unlink()
     return final
+
+
+def write_row(root: str | os.PathLike, row: dict) -> Path:
+    """Write one result row as its own Parquet file, atomically (write_atomic). Returns the final path."""
+    missing = [k for k in PARTITIONS if not row.get(k)]
+    if missing:
+        raise BenchError(f"result row lacks partition keys {missing}; this is a harness bug")
+    d = partition_dir(root, row["grid"], row["model"], row["method"])
+    table = _table([row], FILE_SCHEMA)
+    return write_atomic(d / f"{row['cell_key']}-{uuid.uuid4().hex[:8]}.parquet", lambda tmp: pq.write_table(table, tmp))
 
 
 def remove_stale_temps(root: str | os.PathLike, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:

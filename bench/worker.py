@@ -301,31 +301,17 @@ def _sampler_key(sampler) -> str:
 def write_result(out: Path, cell: Cell, result: dict, attempts: int) -> Path:
     """Store one finished cell: its Parquet row, its PNG sample grid and its log (the driver is the only writer).
     The row goes last: a cell is in the store only once its PNG and log are. Disk full: one-line BenchError."""
-    from bench.store import DISK_FULL, disk_full_error, partition_dir, runs_dir, write_row
+    from bench.store import partition_dir, runs_dir, write_atomic, write_row
 
     root = runs_dir(out)
     row = dict(result["row"])
     row["attempts"] = attempts
-    target = root
-    try:
-        if result.get("png"):
-            d = partition_dir(root, cell.grid, cell.model, cell.method) / "_samples"
-            p = target = d / f"{cell.bits}-seed{cell.seed}-{cell.key}.png"
-            tmp = d / f".tmp-{p.name}"
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-                tmp.write_bytes(result["png"])
-                os.replace(tmp, p)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-            row["sample_grid"] = str(p.relative_to(root))
-        logd = Path(out) / "logs" / cell.grid / cell.model / cell.method.replace(":", "_")
-        target = logd / f"{cell.bits}-seed{cell.seed}-{cell.key}.log"
-        logd.mkdir(parents=True, exist_ok=True)
-        target.write_text(result.get("log", ""))
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise disk_full_error(target, e) from None
-        raise
+    if result.get("png"):
+        png = partition_dir(root, cell.grid, cell.model, cell.method) / "_samples" / \
+            f"{cell.bits}-seed{cell.seed}-{cell.key}.png"
+        write_atomic(png, lambda tmp: tmp.write_bytes(result["png"]))
+        row["sample_grid"] = str(png.relative_to(root))
+    log = Path(out) / "logs" / cell.grid / cell.model / cell.method.replace(":", "_") / \
+        f"{cell.bits}-seed{cell.seed}-{cell.key}.log"
+    write_atomic(log, lambda tmp: tmp.write_text(result.get("log", "")))
     return write_row(root, row)

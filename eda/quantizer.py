@@ -26,6 +26,7 @@ from eda.policy import check_bits
 
 LP_P = 2.4
 LP_MAX_ELEMS = 1 << 14
+EMA_MOMENTUM = 0.9  # EDA-DM: running = 0.9 * running + 0.1 * new over calibration batches (eda-dm.md §2)
 # Sampling and evaluation run without autograd; there fake-quantization runs in place, in half the passes over the
 # tensor (bit-identical results). Off = the autograd formula everywhere.
 FUSED_INFERENCE = True
@@ -45,7 +46,6 @@ def _compiled_kernel():
     if _COMPILED is None:
         _COMPILED = torch.compile(_fq_kernel, dynamic=True)
     return _COMPILED
-EMA_MOMENTUM = 0.9  # EDA-DM: running = 0.9 * running + 0.1 * new over calibration batches (eda-dm.md §2)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -75,16 +75,23 @@ def cell(values, scale=1.0, dec=1) -> str:
     return f"{m:.{dec}f}" + (f" ± {h:.{dec}f}" if np.isfinite(h) else "")
 
 
+def info_value(info: dict, key: str):
+    """A nested value of a row's info JSON; values JSON could not hold were stored as their Python repr (None if
+    that does not parse)."""
+    v = info.get(key)
+    if isinstance(v, str):
+        import ast
+
+        try:
+            return ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            return None
+    return v
+
+
 def budget(info: dict) -> str:
     """Iterations per unit, batch and calibration size as the cell ran them (from the recorded config)."""
-    recon = info.get("recon")
-    if isinstance(recon, str):
-        try:
-            import ast
-
-            recon = ast.literal_eval(recon)
-        except (ValueError, SyntaxError):
-            recon = None
+    recon = info_value(info, "recon")
     calib = info.get("calib_size")
     if not recon:
         return f"no reconstruction; {calib} calibration samples"
@@ -123,11 +130,7 @@ def tdac_plot(df: pd.DataFrame, out: Path) -> str | None:
     rows = df[(df.method == "eda-dm") & (df.seed == df.seed.min())]
     for r in rows.itertuples():
         info = json.loads(r.info)
-        tdac, alloc = info.get("tdac"), info.get("allocation")
-        if isinstance(tdac, str):
-            import ast
-
-            tdac = ast.literal_eval(tdac)
+        tdac, alloc = info_value(info, "tdac"), info.get("allocation")
         if isinstance(alloc, str):
             alloc = json.loads(alloc)
         if tdac and alloc:

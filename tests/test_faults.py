@@ -247,7 +247,7 @@ def test_driver_fails_missing_reference_before_ray(tmp_path, monkeypatch):
 
     monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(bench.run, "model_dataset", lambda name: "nodata")  # as a zoo model would say
+    monkeypatch.setattr(bench.run, "model_reference", lambda name: ("nodata", None))  # as a zoo model would say
     monkeypatch.setattr(bench.run, "start_ray", lambda address: pytest.fail("Ray started for cells that cannot run"))
     grid = write_grid(tmp_path, ["fp", "test-ok"], metrics=("fid", "fid_vs_fp"))
     out = tmp_path / "out"

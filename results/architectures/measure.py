@@ -23,19 +23,9 @@ from pathlib import Path
 
 import torch
 
+from bench.perf import cifar_unet  # the DDPM CIFAR-10 UNet as diffusers configures it
+
 OUT = Path(__file__).resolve().parent
-
-
-def cifar_unet():
-    """google/ddpm-cifar10-32: the DDPM CIFAR-10 UNet (35.7M parameters) as diffusers configures it."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-                       layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
-                                                             "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       attention_head_dim=None, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
-                       downsample_padding=0)
 
 
 def build(name: str):
@@ -94,7 +84,6 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
 
 
-@torch.no_grad()
 @torch.no_grad()  # as sampling runs: without autograd the fake-quant fast path (eda.quantizer) applies
 def time_forward(unet, x, t, kw, warmup: bool) -> dict[str, float]:
     if warmup:  # also fills eda.wrap's fake-quantized weight cache, as the first sampling step does
