@@ -23,9 +23,10 @@ from bench.artifacts import ArtifactCache, model_fingerprint
 from bench.errors import BenchError
 from bench.grid import FP_METHOD, Cell
 from bench.sampling import SamplerConfig
+from bench.seeds import calib_seed, eps_seed, sample_seed
 from bench.store import DISK_FULL, METRICS, empty_row
 
-EPS_MSE_SAMPLES = 8  # samples per step for the per-step noise-prediction error vs FP (cheap: one batched pass)
+EPS_MSE_SAMPLES = 8  # held-out trajectories for the per-step noise-prediction error vs FP (cheap: one batched pass)
 SAMPLE_GRID = 16  # images per cell in the saved PNG sample grid
 
 
@@ -74,9 +75,10 @@ def calibration_union(model, requests: list[tuple[str, dict]]) -> tuple[int, lis
 
 
 def trajectory_spec(model, fp: str, cell: Cell, requests) -> dict:
+    """Calibration trajectories: from the cell's calibration noise stream (bench.seeds), never the sampling one."""
     n, feats = calibration_union(model, requests)
-    return {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(), "seed": cell.seed,
-            "n": n, "features": feats}
+    return {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
+            "seed": calib_seed(cell.seed), "n": n, "features": feats}
 
 
 def shared_trajectories(model, fp: str, cell: Cell, cache: ArtifactCache, requests, device: str):
@@ -84,14 +86,29 @@ def shared_trajectories(model, fp: str, cell: Cell, cache: ArtifactCache, reques
 
     spec = trajectory_spec(model, fp, cell, requests)
     return cache.get("trajectories", spec, lambda: record_trajectories(
-        model, spec["n"], cell.seed, feature_modules=tuple(spec["features"]), batch_size=cell.batch_size,
+        model, spec["n"], spec["seed"], feature_modules=tuple(spec["features"]), batch_size=cell.batch_size,
         device=device))
 
 
-def shared_fp_eps(model, fp: str, cell: Cell, cache: ArtifactCache, requests, traj, device: str,
+def eps_trajectory_spec(model, fp: str, cell: Cell, k: int = EPS_MSE_SAMPLES) -> dict:
+    """Held-out FP trajectories for the per-step error: their own noise stream, which no method calibrates on."""
+    return {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
+            "seed": eps_seed(cell.seed), "n": k}
+
+
+def shared_eps_trajectories(model, fp: str, cell: Cell, cache: ArtifactCache, device: str,
+                            k: int = EPS_MSE_SAMPLES):
+    from eda.trajectories import record_trajectories
+
+    spec = eps_trajectory_spec(model, fp, cell, k)
+    return cache.get("eps_trajectories", spec, lambda: record_trajectories(
+        model, k, spec["seed"], batch_size=cell.batch_size, device=device))
+
+
+def shared_fp_eps(model, fp: str, cell: Cell, cache: ArtifactCache, traj, device: str,
                   k: int = EPS_MSE_SAMPLES) -> torch.Tensor:
     """The FP half of the per-step noise-prediction error: the same for every method and bit width of a seed."""
-    spec = {**trajectory_spec(model, fp, cell, requests), "k": k}
+    spec = eps_trajectory_spec(model, fp, cell, k)
     return cache.get("fp_eps", spec, lambda: _eps_on_trajectory(model, None, traj, cell.batch_size, device, k))
 
 
@@ -113,12 +130,12 @@ def _eps_on_trajectory(model, unet, traj, batch_size: int, device: str, k: int) 
 
 
 def fp_samples(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) -> dict:
-    spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(), "seed": cell.seed,
-            "n": cell.samples}
+    spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
+            "seed": sample_seed(cell.seed), "n": cell.samples}
 
     def compute():
         t = time.time()
-        x0 = model.generate(cell.samples, seed=cell.seed, batch_size=cell.batch_size, device=device)
+        x0 = model.generate(cell.samples, seed=spec["seed"], batch_size=cell.batch_size, device=device)
         return {"x0": x0, "seconds": time.time() - t}
 
     return cache.get("fp_samples", spec, compute)
@@ -127,8 +144,9 @@ def fp_samples(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) ->
 @torch.no_grad()
 def eps_mse_per_step(model, qunet, traj, batch_size: int, device: str, k: int = EPS_MSE_SAMPLES,
                      fp_eps: torch.Tensor | None = None) -> list[float]:
-    """Mean squared difference of the quantized and FP noise predictions on the FP trajectory, per sampling step.
-    `fp_eps` (from `shared_fp_eps`) saves recomputing the FP half in every cell."""
+    """Mean squared difference of the quantized and FP noise predictions on FP trajectories, per sampling step.
+    `traj` must be held-out trajectories (`shared_eps_trajectories`), not the calibration set: on calibration
+    trajectories the error would be in-sample. `fp_eps` (from `shared_fp_eps`) saves recomputing the FP half."""
     if fp_eps is None:
         fp_eps = _eps_on_trajectory(model, None, traj, batch_size, device, k)
     e_q = _eps_on_trajectory(model, qunet, traj, batch_size, device, k)
@@ -176,7 +194,8 @@ def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str
 
         if model.prompts is None:
             raise BenchError(f"metric clip needs prompts, but model {model.name} has none; drop clip from the grid")
-        scores["clip"] = float(clip_score(images, model.prompts(cell.samples, cell.seed), device=device)["clip"])
+        prompts = model.prompts(cell.samples, sample_seed(cell.seed))
+        scores["clip"] = float(clip_score(images, prompts, device=device)["clip"])
     return scores
 
 
@@ -211,7 +230,8 @@ def peak_memory_mb(device: str) -> float:
 def base_row(cell: Cell, context: dict) -> dict:
     row = empty_row()
     row.update(grid=cell.grid, model=cell.model, method=cell.method, bits=cell.bits, w_bits=cell.w_bits,
-               a_bits=cell.a_bits, seed=cell.seed, samples=cell.samples, cell_key=cell.key,
+               a_bits=cell.a_bits, seed=cell.seed, sample_seed=sample_seed(cell.seed), samples=cell.samples,
+               cell_key=cell.key,
                overrides=json.dumps(cell.overrides, sort_keys=True), run_id=context.get("run_id"),
                git_commit=context.get("git_commit"), host=platform.node(),
                versions=json.dumps(package_versions(), sort_keys=True), attempts=1)
@@ -246,7 +266,8 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row.update(quant_seconds=0.0, sampling_seconds=ref["seconds"], calib_size=0)
     else:
         traj = shared_trajectories(model, fp, cell, cache, requests, device)
-        log.info("trajectories: %s steps x %s samples", *tuple(traj.xs.shape[:2]))
+        row["calib_seed"] = int(traj.seed)
+        log.info("calibration trajectories: %s steps x %s samples from seed %d", *tuple(traj.xs.shape[:2]), traj.seed)
         t = time.time()
         res = get_method(cell.method).quantize(model, cell.bits, traj, cell.seed, overrides=dict(cell.overrides),
                                                progress=False)
@@ -255,14 +276,16 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row["quant_seconds"] = float(info.get("quant_seconds") or time.time() - t)
         log.info("quantized with %s %s in %.1fs", cell.method, cell.bits, row["quant_seconds"])
         t = time.time()
-        x0 = model.generate(cell.samples, seed=cell.seed, unet=qunet, batch_size=cell.batch_size, device=device)
+        x0 = model.generate(cell.samples, seed=sample_seed(cell.seed), unet=qunet, batch_size=cell.batch_size,
+                            device=device)
         row["sampling_seconds"] = time.time() - t
         images = model.to_images(x0)
         row["calib_size"] = info.get("calib_size")
         alloc = info.get("allocation")
         row["allocation"] = None if alloc is None else [int(a) for a in alloc]
-        per_step = eps_mse_per_step(model, qunet, traj, cell.batch_size, device,
-                                    fp_eps=shared_fp_eps(model, fp, cell, cache, requests, traj, device))
+        held_out = shared_eps_trajectories(model, fp, cell, cache, device)
+        per_step = eps_mse_per_step(model, qunet, held_out, cell.batch_size, device,
+                                    fp_eps=shared_fp_eps(model, fp, cell, cache, held_out, device))
         row["eps_mse_per_step"] = per_step
         row["eps_mse"] = float(sum(per_step) / len(per_step))
         log.info("noise-prediction MSE vs FP: %.4g", row["eps_mse"])

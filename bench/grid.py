@@ -169,11 +169,22 @@ def load_grid(name_or_path: str) -> Grid:
                 raise UsageError(f"{path}: model {b['name']!r} has no {k!r}; set it in [defaults] or the block")
         for bits in m["bits"]:
             parse_bits(bits)
+        _check_seeds(path, m["seeds"])
         models.append(m)
     return Grid(name=data.get("name", path.stem), description=data.get("description", ""), models=models,
                 overrides=data.get("set", {}), method_overrides=data.get("method", {}),
                 imports=list(data.get("imports", [])), resources=data.get("resources", {}),
                 check=data.get("check", {}), path=str(path))
+
+
+def _check_seeds(where, seeds) -> None:
+    from bench.seeds import check_seed
+
+    for s in seeds:
+        try:
+            check_seed(s)
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
 
 
 def _check_keys(path: Path, where: str, d: dict) -> None:
@@ -192,6 +203,8 @@ def apply_overrides(grid: Grid, samples: int | None = None, seeds: list[int] | N
             raise UsageError(f"models {unknown} are not in grid {grid.name!r}; expected some of {grid.model_names()}")
     for b in bits or []:
         parse_bits(b)
+    if seeds is not None:
+        _check_seeds("--seeds", seeds)
     blocks = []
     for b in grid.models:
         if models and b["name"] not in models:

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UsageError, cli_main
-
-CALIB_SEED_OFFSET = 10_000  # trajectories are drawn from seed + 10000 so they never share noise with samples
+from bench.seeds import CALIB_OFFSET, calib_seed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="method seed: calibration selection, QDrop, batches "
                                                         "(default 0)")
     p.add_argument("--calib-seed", type=int, default=None,
-                   help=f"noise seed of the recorded FP trajectories (default: seed + {CALIB_SEED_OFFSET})")
+                   help=f"noise seed of the recorded FP trajectories (default: seed + {CALIB_OFFSET}, the calibration "
+                        "stream of bench/seeds.py, so samples drawn with --seed never start from calibration noise)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size for recording trajectories (default 256)")
@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet
     model = load_model(args.model, device=args.device)
     n_traj, feature_modules = method.calibration_request(model, overrides)
-    calib_seed = args.seed + CALIB_SEED_OFFSET if args.calib_seed is None else args.calib_seed
+    traj_seed = calib_seed(args.seed) if args.calib_seed is None else args.calib_seed
     t0 = time.perf_counter()
-    print(f"[1/3] recording {n_traj} FP trajectories ({model.sampler.describe()}, seed {calib_seed})"
+    print(f"[1/3] recording {n_traj} FP trajectories ({model.sampler.describe()}, seed {traj_seed})"
           + (f", features of {', '.join(feature_modules)}" if feature_modules else ""), file=sys.stderr)
-    traj = record_trajectories(model, n_traj, calib_seed, feature_modules=feature_modules,
+    traj = record_trajectories(model, n_traj, traj_seed, feature_modules=feature_modules,
                                batch_size=args.batch_size, device=args.device, progress=progress)
     traj_seconds = time.perf_counter() - t0
     print(f"[2/3] {args.method} {args.bits}: calibration + reconstruction", file=sys.stderr)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3/3] saving to {args.out}", file=sys.stderr)
     model_ref = args.model if not os.path.isdir(args.model) else str(Path(args.model).resolve())
     meta = jsonable({"model": model_ref, "method": args.method, "bits": args.bits, "seed": args.seed,
-                     "calib_seed": calib_seed, "n_trajectories": n_traj, "sampler": model.sampler.describe(),
+                     "calib_seed": traj_seed, "n_trajectories": n_traj, "sampler": model.sampler.describe(),
                      "trajectory_seconds": traj_seconds, "info": info})
     save_quantized(result.unet, args.out, meta)
     sizes = packed_size_mb(result.unet)

@@ -48,14 +48,19 @@ def is_quantized_dir(path: str) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def load_for_sampling(name_or_dir: str, device: str = "cpu"):
-    """(DiffusionModel, unet to sample with, description): a quantized dir brings its FP model for the sampler."""
+def load_for_sampling(name_or_dir: str, device: str = "cpu", seed: int | None = None):
+    """(DiffusionModel, unet to sample with, description): a quantized dir brings its FP model for the sampler.
+    With `seed`, a quantized model calibrated on that very noise seed is refused (its samples would start from its
+    own calibration trajectories' x_T, bench/seeds.py)."""
     from bench.models import load_model
 
     if is_quantized_dir(name_or_dir):
         from eda.checkpoint import load_quantized
 
         qunet, meta = load_quantized(name_or_dir)
+        if seed is not None and meta.get("calib_seed") == seed:
+            raise UsageError(f"--seed {seed} is the noise seed {name_or_dir} was calibrated on; its samples would "
+                             "start from its own calibration trajectories: sample with another --seed")
         base = meta.get("model")
         if not base:
             raise UsageError(f"{name_or_dir} has no 'model' in its metadata; re-save it with python -m bench.quantize")
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    model, unet, what = load_for_sampling(args.model, args.device)
+    model, unet, what = load_for_sampling(args.model, args.device, seed=args.seed)
     sampler = model.sampler if args.steps is None else dataclasses.replace(model.sampler, steps=args.steps)
     t0 = time.perf_counter()
     print(f"sampling {args.n} from {what} ({sampler.describe()}, seed {args.seed})", file=sys.stderr)

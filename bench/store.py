@@ -47,6 +47,8 @@ FILE_SCHEMA = pa.schema(
         ("w_bits", pa.int32()),
         ("a_bits", pa.int32()),
         ("seed", pa.int32()),
+        ("sample_seed", pa.int32()),  # noise seed of the evaluated samples (bench.seeds)
+        ("calib_seed", pa.int32()),  # noise seed of the calibration trajectories; null for fp
         ("samples", pa.int32()),
         ("calib_size", pa.int32()),
         *[(m, pa.float64()) for m in METRICS],

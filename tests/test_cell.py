@@ -21,13 +21,13 @@ def test_fp_eps_is_shared_and_the_error_unchanged(model_dir, tmp_path):
     cell = Cell("g", model.name, "rtn", "W4A8", 0, 8, batch_size=4)
     cache, fp = ArtifactCache(tmp_path), model_fingerprint(model)
     direct = eps_mse_per_step(model, q, traj, 4, "cpu", k=3)
-    e1 = shared_fp_eps(model, fp, cell, cache, [("rtn", {})], traj, "cpu", k=3)
-    e2 = shared_fp_eps(model, fp, cell, cache, [("rtn", {})], traj, "cpu", k=3)
+    e1 = shared_fp_eps(model, fp, cell, cache, traj, "cpu", k=3)
+    e2 = shared_fp_eps(model, fp, cell, cache, traj, "cpu", k=3)
     assert e1 is e2 and cache.hits == {"memory": 1, "disk": 0, "computed": 1}
     via_cache = eps_mse_per_step(model, q, traj, 4, "cpu", k=3, fp_eps=e1)
     assert via_cache == direct and len(direct) == traj.xs.shape[0] and all(v > 0 for v in direct)
     # a fresh cache on the same disk finds it there
-    assert torch.equal(shared_fp_eps(model, fp, cell, ArtifactCache(tmp_path), [("rtn", {})], traj, "cpu", k=3), e1)
+    assert torch.equal(shared_fp_eps(model, fp, cell, ArtifactCache(tmp_path), traj, "cpu", k=3), e1)
 
 
 def test_reference_split_comes_from_the_model_card(tmp_path, monkeypatch):
@@ -54,3 +54,33 @@ def test_reference_split_comes_from_the_model_card(tmp_path, monkeypatch):
     require_reference(card, cell)
     # a model without a card split uses the default (train here), which has an image
     require_reference(types.SimpleNamespace(dataset="coco", defaults={}), cell)
+
+
+def test_no_evaluated_sample_starts_from_calibration_or_eps_noise(model_dir, tmp_path, monkeypatch):
+    """Every x_T the cell draws is recorded: the evaluated samples (FP and quantized share one stream), the
+    calibration trajectories and the held-out eps trajectories must come from pairwise disjoint noise."""
+    import bench.sampling
+    from bench.cell import run_cell
+    from bench.seeds import calib_seed, eps_seed, sample_seed
+
+    drawn: dict[int, torch.Tensor] = {}
+    real = bench.sampling.initial_noise
+
+    def spy(n, shape, seed):
+        x = real(n, shape, seed)
+        drawn[seed] = x
+        return x
+
+    monkeypatch.setattr(bench.sampling, "initial_noise", spy)
+    model = load_model(str(model_dir))
+    cell = Cell("g", model.name, "rtn", "W4A8", 3, 12, overrides={"n_samples": 6}, batch_size=4)
+    row, _ = run_cell(model, cell, ArtifactCache(tmp_path), [("rtn", {"n_samples": 6})], {}, "cpu")
+    assert row["status"] == "ok"
+    assert set(drawn) == {sample_seed(3), calib_seed(3), eps_seed(3)}
+    assert row["sample_seed"] == sample_seed(3) and row["calib_seed"] == calib_seed(3)
+    assert row["sample_seed"] != row["calib_seed"]
+    flat = {s: x.flatten(1) for s, x in drawn.items()}
+    for a in flat:
+        for b in flat:
+            if a < b:  # no initial noise vector of one stream equals one of another
+                assert not (flat[a][:, None] == flat[b][None]).all(-1).any(), (a, b)
