@@ -6,8 +6,10 @@ while the FP model samples N trajectories. Per step t:
 
 - density   D_t = #{j != t : mean((F_t - F_j)^2) <= r}         (a radius count over steps, not k-NN)
 - diversity V_t = sum_{j != t} sum_{n,h,w} (1 - cos_c(F_t, F_j)) (cosine over channels, per sample and pixel)
-- both min-max normalised over the steps, w_t = D~_t + lam * V~_t, n_t = round(N w_t / sum w), repaired so the
-  counts sum to N (deficit: +1 on the largest n_t; surplus: -1 walking backwards from the last step, never below 0).
+- both min-max normalised over the steps, w_t = D~_t + lam * V~_t, n_t = round(N w_t / sum w) (float32, as the
+  official code computes them), then repaired once so the counts sum to N (`repair_counts`, the official code's
+  rounding repair): with e = N - sum n_t, a deficit adds 1 to each of the e largest n_t (so no step gains more than
+  1), a surplus subtracts 1 from non-zero steps walking backwards from the last step until the sum is N.
 
 Degenerate cases (the official code divides by zero there): a criterion that is equal at every step does not
 discriminate between steps, so its normalised value is 0 everywhere (min-max maps the minimum to 0; a constant
@@ -17,6 +19,14 @@ pair is (D = T-1 everywhere): in both cases density drops out and TDAC allocates
 `tdac_scores(...)["dense_fraction"]` tells which regime a feature set is in for a given r.
 
 Each FP trajectory contributes exactly one calibration sample, at the step its (seeded, shuffled) label assigns.
+
+Deviations from `scripts/calibration.py::TDAC_cifar_calib_data_generator` (docs/fidelity.md):
+- the pairwise MSEs and cosines come from float64 Gram matrices, not a float32 loop over step pairs (equal up to
+  float rounding; a pair at exactly mse == r could flip);
+- ties among equal n_t in the deficit repair go to the earlier (noisier) step: the official `torch.sort(t_num,
+  descending=True)` is not stable, and its tie order depends on torch's CPU sort kernel (it differs with and without
+  AVX-512), so allocations would differ between machines;
+- a constant criterion normalises to 0 instead of 0/0 = NaN (see above).
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from collections.abc import Sequence
 import torch
 
 from bench.errors import UsageError
+
+COS_EPS = 1e-6  # nn.CosineSimilarity(dim=1, eps=1e-6) in the official TDAC
+
 
 
 def _stack(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -43,7 +56,8 @@ def _stack(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise over steps; a constant vector maps to 0 (see the module docstring)."""
+    """Min-max normalise over steps in float32 (the official dtype); a constant vector maps to 0 (module docstring)."""
+    x = x.to(torch.float32)
     lo, hi = x.min(), x.max()
     if not torch.isfinite(hi - lo) or float(hi - lo) <= 0.0:
         return torch.zeros_like(x)
@@ -60,8 +74,9 @@ def _grams(f: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor
         x = f[:, s:s + chunk].to(torch.float64)
         flat = x.reshape(T, -1)
         gram += flat @ flat.T
-        # nn.CosineSimilarity(dim=1, eps=1e-8) on [B, C, H, W]: x.y / max(|x||y|, eps); a zero vector gives 0.
-        unit = (x / x.norm(dim=2, keepdim=True).clamp(min=1e-8)).reshape(T, -1)
+        # nn.CosineSimilarity(dim=1, eps=1e-6) on [B, C, H, W] as the official code builds it:
+        # x.y / (max(|x|, eps) max(|y|, eps)); a zero vector gives 0.
+        unit = (x / x.norm(dim=2, keepdim=True).clamp(min=COS_EPS)).reshape(T, -1)
         cos += unit @ unit.T
     return gram, cos
 
@@ -105,20 +120,39 @@ def tdac_scores(features: torch.Tensor | Sequence[torch.Tensor], radius: float =
 
 
 def counts_from_weights(weight: torch.Tensor, n_samples: int) -> torch.Tensor:
-    """n_t = round(N w_t / sum w), repaired to sum to N as the official code does, never negative."""
-    T = weight.numel()
-    w = weight.to(torch.float64).clamp(min=0.0)
-    total = float(w.sum())
-    if not total > 0.0:  # every weight 0 (both criteria constant): uniform over steps
-        w, total = torch.ones(T, dtype=torch.float64), float(T)
-    counts = torch.round(n_samples * w / total).to(torch.long)
-    while counts.sum() < n_samples:  # deficit: +1 on the largest count (official repair)
-        counts[int(torch.argmax(counts))] += 1
-    i = T - 1
-    while counts.sum() > n_samples:  # surplus: -1 walking backwards from the last step, skipping zeros
-        if counts[i] > 0:
-            counts[i] -= 1
-        i = (i - 1) % T
+    """n_t = round(N w_t / sum w) in float32 as the official code, then `repair_counts`; never negative. All-zero
+    weights (both criteria constant) allocate uniformly."""
+    w = weight.to(torch.float32).clamp(min=0.0)
+    if not float(w.sum()) > 0.0:
+        w = torch.ones_like(w)
+    prob = w / torch.sum(w)
+    return repair_counts(torch.round(prob * n_samples).to(torch.long), n_samples)
+
+
+def repair_counts(counts: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """The official rounding repair (`scripts/calibration.py`): e = N - sum(n).
+    - e >= 0: +1 on each of the e largest counts (sorted descending; ties: the earlier step first, see the module
+      docstring), so no step gains more than 1;
+    - e < 0: walking backwards from the last step, -1 on every non-zero count until the sum is N.
+    After rounding |e| <= T/2 and one pass always suffices; the loops only make the repair total for arbitrary
+    counts (the official code then fails its `assert torch.sum(t_num) == calib_num_samples`)."""
+    counts = torch.as_tensor(counts, dtype=torch.long).clone()
+    T = counts.numel()
+    error = n_samples - int(counts.sum())
+    if error >= 0:
+        order = torch.sort(counts, descending=True, stable=True).indices
+        while error > 0:
+            k = min(error, T)
+            counts[order[:k]] += 1
+            error -= k
+        return counts
+    while error < 0:
+        for i in reversed(range(T)):
+            if error == 0:
+                break
+            if counts[i] > 0:
+                counts[i] -= 1
+                error += 1
     return counts
 
 

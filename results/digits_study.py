@@ -62,8 +62,9 @@ a 1.6M-parameter 16x16 model, so this ranks the recipes at a CPU budget. It does
   -0.02 ± 0.09 against TDAC-only and +0.03 ± 0.93 against FBR-only).
   The paper's ablation gains are not reproduced here; see the TDAC note below for one reason.
 - **TDAC at this N.** With N = 256 calibration samples over 100 steps, the allocation rounds to 2-3 samples per step.
-  The official repair then puts the whole rounding deficit on the single largest step (11 samples in the plot). So
-  TDAC's calibration set is close to uniform here, and a TDAC-only gain needs N well above 3x the step count (the
+  The repair these rows ran put the whole rounding deficit on the single largest step (11 samples in the plot). That
+  was a deviation, not the official repair (which adds at most 1 per step; fixed in eda.tdac.repair_counts after
+  these rows were produced). Either way TDAC's calibration set is close to uniform here, and a TDAC-only gain needs N well above 3x the step count (the
   paper's N = 1024).
 """
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.errors import UsageError
-from eda.tdac import allocate_steps, assign_steps, counts_from_weights, pairwise_mse, tdac_scores
+from eda.tdac import allocate_steps, assign_steps, counts_from_weights, pairwise_mse, repair_counts, tdac_scores
 
 torch.set_num_threads(1)
 
@@ -112,3 +112,94 @@ def test_plot_allocation_from_scores_and_lists(tmp_path):
     plot_allocation({k: (v.tolist() if torch.is_tensor(v) else v) for k, v in s.items()}, c.tolist(),
                     str(tmp_path / "b.png"))
     assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
+
+
+# ---- pinned against an independent transcription of the published algorithm ----------------------------------------
+def official_allocation(features, n: int, lam: float, radius: float) -> torch.Tensor:
+    """TDAC as `scripts/calibration.py::TDAC_cifar_calib_data_generator` computes it, written out loop by loop in
+    float32 over step pairs (no Gram matrices). Differs from the official code only where docs/fidelity.md says so:
+    a constant criterion normalises to 0 (not NaN) and ties in the deficit repair go to the earlier step."""
+    from torch import nn
+
+    F = [f.float() for f in features]
+    T = len(F)
+    dense = torch.zeros(T, dtype=torch.int16)
+    for i in range(T):
+        for j in range(T):
+            if i != j and torch.mean((F[i] - F[j]) ** 2) <= radius:
+                dense[i] += 1
+    cos = nn.CosineSimilarity(dim=1, eps=1e-6)
+    div = torch.zeros(T)
+    for i in range(T):
+        for j in range(T):
+            if i != j:
+                div[i] += torch.sum(1 - cos(F[i], F[j]))
+
+    def norm(v):
+        v = v.float()
+        return torch.zeros_like(v) if v.max() == v.min() else (v - v.min()) / (v.max() - v.min())
+
+    w = norm(dense) + lam * norm(div)
+    prob = w / torch.sum(w)
+    t_num = torch.round(prob * n).to(torch.long)
+    err = n - int(t_num.sum())
+    if err >= 0:
+        t_num[torch.sort(t_num, descending=True, stable=True).indices[:err]] += 1
+    else:
+        for i in reversed(range(T)):
+            if err == 0:
+                break
+            if t_num[i] > 0:
+                t_num[i] -= 1
+                err += 1
+    assert t_num.sum() == n
+    return t_num
+
+
+def _structured(T=12, B=6, seed=3):
+    """Features drifting over steps (a smooth trajectory plus noise), so densities and diversities vary."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(B, 8, 2, 2, generator=g)
+    steps = [base * (1 - t / T) + 0.9 * (t / T) * torch.randn(B, 8, 2, 2, generator=g) for t in range(T)]
+    return torch.stack(steps) * 2.0
+
+
+@pytest.mark.parametrize("n,lam,radius", [(1024, 1.2, 3.0), (256, 1.2, 3.0), (100, 5.0, 1.0), (7, 1.2, 3.0),
+                                          (13, 0.0, 6.0), (37, 1.0, 0.3)])
+def test_allocation_matches_the_official_algorithm(n, lam, radius):
+    f = _structured()
+    assert allocate_steps(f, n, radius, lam).tolist() == official_allocation(list(f), n, lam, radius).tolist()
+
+
+def test_deficit_adds_at_most_one_per_step():
+    """The official repair spreads a deficit over the e largest steps (+1 each); the old repair piled it on one."""
+    w = torch.ones(100)
+    counts = counts_from_weights(w, 1024)  # round(10.24) = 10 each: deficit 24
+    assert counts.sum() == 1024 and counts.max() == 11 and counts.min() == 10
+    assert counts[:24].tolist() == [11] * 24  # all tied: the earliest (noisiest) steps get the +1
+    rounded = torch.round(w / w.sum() * 1024).long()
+    assert ((counts - rounded) >= 0).all() and ((counts - rounded) <= 1).all()
+
+
+def test_surplus_walks_backwards_over_non_zero_steps():
+    # N < S: round(0.64) = 1 for every step (surplus 36), so the last 36 steps go to 0
+    counts = counts_from_weights(torch.ones(100), 64)
+    assert counts.tolist() == [1] * 64 + [0] * 36
+    # zeros are skipped on the way back, and the walk stops once the sum is N
+    assert repair_counts(torch.tensor([3, 3, 2, 0, 0]), 6).tolist() == [3, 2, 1, 0, 0]
+    assert repair_counts(torch.tensor([3, 3, 2, 0, 1]), 8).tolist() == [3, 3, 2, 0, 0]
+
+
+def test_ties_go_to_the_earlier_step_and_deficits_larger_than_the_steps():
+    assert repair_counts(torch.tensor([2, 5, 5, 2, 5]), 21).tolist() == [2, 6, 6, 2, 5]  # e = 2 of 3 tied
+    assert repair_counts(torch.tensor([2, 5, 5, 2, 5]), 23).tolist() == [3, 6, 6, 2, 6]  # e = 4: then the tied 2s
+    # e > T never follows from rounding (|e| <= T/2); the official code would fail its assert, ours repeats the pass
+    assert repair_counts(torch.zeros(3, dtype=torch.long), 7).tolist() == [3, 2, 2]
+
+
+def test_all_equal_densities_allocate_by_diversity():
+    f = _structured()
+    s = tdac_scores(f, radius=1e9, lam=1.0)  # every pair dense: D constant (official: 0/0 = NaN)
+    assert torch.all(s["density_norm"] == 0)
+    assert torch.equal(s["weight"], s["diversity_norm"])
+    assert allocate_steps(f, 200, 1e9, 1.0).tolist() == official_allocation(list(f), 200, 1.0, 1e9).tolist()
