@@ -110,19 +110,20 @@ class _UnitBench:
     over the inner layers but the last, two Adam optimisers), with both iteration schemes."""
 
     def __init__(self, qmodel, fp_unet, unit, calib, batch: int):
-        from eda.recon import _collect_inputs, _unit_act_quantizers, attach_adaround
+        from eda.capture import collect_inputs
+        from eda.fbr import channel_dim, fbr_layers
+        from eda.recon import attach_adaround, unit_act_quantizers
         from eda.units import unit_layers
 
         self.unit, self.batch = unit, batch
         self.fp_unit = fp_unet.get_submodule(unit.name)
         layers = unit_layers(unit)
-        self.inner = list(layers)[:-1]
-        self.q_layers = {n: layers[n] for n in self.inner}
-        self.fp_layers = {n: (self.fp_unit.get_submodule(n) if n else self.fp_unit) for n in self.inner}
-        self.q_in = _collect_inputs(qmodel, unit.module, calib, batch, "cpu", unit.name)
-        self.fp_in = _collect_inputs(fp_unet, self.fp_unit, calib, batch, "cpu", unit.name)
+        self.inner = fbr_layers(unit.module)
+        self.dims = {n: channel_dim(unit.kind, layers[n]) for n in self.inner}
+        self.q_in = collect_inputs(qmodel, unit.module, calib, batch, "cpu", unit.name)
+        self.fp_in = collect_inputs(fp_unet, self.fp_unit, calib, batch, "cpu", unit.name)
         ada = attach_adaround(layers)
-        acts = [q for q in _unit_act_quantizers(unit) if q.enabled and q.initialized]
+        acts = [q for q in unit_act_quantizers(unit) if q.enabled and q.initialized]
         for q in acts:
             q.learn_delta(True)
             q.qdrop_prob, q.training_qdrop = 0.5, True
@@ -134,29 +135,19 @@ class _UnitBench:
         self.fp_args, self.fp_kwargs = self.fp_in.get(sel, "cpu")
         self.cached = self._fp_targets()  # ours: computed once per calibration set (here: for this batch)
 
-    def _tap(self, modules):
-        from eda.recon import _LayerTap
-
-        return _LayerTap(modules)
-
     def _fp_targets(self):
-        from eda.recon import _first
+        from eda.capture import first_output
+        from eda.fbr import capture_outputs
 
-        tap = self._tap(self.fp_layers)
-        try:
-            with torch.no_grad():
-                out = _first(self.fp_unit(*self.fp_args, **self.fp_kwargs))
-        finally:
-            tap.remove()
-        return out, [tap.out[n] for n in self.inner]
+        with torch.no_grad(), capture_outputs(self.fp_unit, self.inner) as store:
+            out = first_output(self.fp_unit(*self.fp_args, **self.fp_kwargs))
+        return out, dict(store)
 
     def _fbr_loss(self, out, inner_out: dict, targets):
-        """FBR (eda-dm.md §2): block-output MSE + gamma 0.8 x the inner layers' MSEs, as eda.recon computes it."""
-        from eda.quantizer import lp_loss
+        """FBR with gamma 0.8: eda.fbr.fbr_loss, the loss eda.recon runs."""
+        from eda.fbr import fbr_loss
 
-        tgt, tgt_inner = targets
-        return lp_loss(out, tgt) + 0.8 * sum((lp_loss(inner_out[n], t) for n, t in zip(self.inner, tgt_inner)),
-                                             torch.zeros(()))
+        return fbr_loss(out, targets[0], inner_out, targets[1], 0.8, self.dims)
 
     def _step(self, loss):
         for o in self.opts:
@@ -165,30 +156,26 @@ class _UnitBench:
         for o in self.opts:
             o.step()
 
+    def _quant_forward(self, tap: bool):
+        from eda.capture import first_output
+        from eda.fbr import capture_outputs
+
+        with capture_outputs(self.unit.module, self.inner if tap else []) as store:
+            out = first_output(self.unit.module(*self.args, **self.kwargs))
+        return out, dict(store)
+
     def cached_iteration(self):
         """Ours: one quantized forward (inner outputs tapped on the way), loss against the cached targets."""
-        from eda.recon import _first
-
-        tap = self._tap(self.q_layers)
-        try:
-            out = _first(self.unit.module(*self.args, **self.kwargs))
-        finally:
-            tap.remove()
-        self._step(self._fbr_loss(out, tap.out, self.cached))
+        out, inner = self._quant_forward(tap=True)
+        self._step(self._fbr_loss(out, inner, self.cached))
 
     def official_iteration(self):
         """The official scheme: quantized forward for the block output, an FP forward for the targets, and another
         quantized forward for the inner-layer outputs; the loss back-propagates through both quantized passes."""
-        from eda.recon import _first
-
-        out = _first(self.unit.module(*self.args, **self.kwargs))
+        out, _ = self._quant_forward(tap=False)
         targets = self._fp_targets()
-        tap = self._tap(self.q_layers)
-        try:
-            _first(self.unit.module(*self.args, **self.kwargs))
-        finally:
-            tap.remove()
-        self._step(self._fbr_loss(out, tap.out, targets))
+        _, inner = self._quant_forward(tap=True)
+        self._step(self._fbr_loss(out, inner, targets))
 
 
 def _units_by_kind(qmodel):

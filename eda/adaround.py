@@ -69,10 +69,14 @@ class AdaRoundQuantizer(nn.Module):
         return f"bits={self.n_bits}, soft={self.soft_targets}"
 
 
-def annealed_b(it: int, iters: int, warmup: float, b_range=(20.0, 2.0)) -> float | None:
-    """BRECQ's LinearTempDecay: None (no rounding loss) during the warm-up, then b falls linearly 20 -> 2."""
+def annealed_b(count: int, iters: int, warmup: float, b_range=(20.0, 2.0)) -> float | None:
+    """BRECQ's LossFunction + LinearTempDecay (`qdiff/block_recon.py`): at iteration `count` (counted from 1, as the
+    official `self.count += 1` before use), None (no rounding loss) while count < warmup * iters, then b falls
+    linearly from b_range[0] to b_range[1] at count = iters."""
     start = warmup * iters
-    if it < start:
+    if count < start:
         return None
-    frac = (it - start) / max(iters - start, 1)
+    if iters <= start:
+        return float(b_range[1])
+    frac = (count - start) / (iters - start)
     return b_range[1] + (b_range[0] - b_range[1]) * max(0.0, 1 - frac)

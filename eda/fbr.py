@@ -1,15 +1,22 @@
-"""FBR: Fine-grained Block Reconstruction loss (EDA-DM, official `qdiff/block_recon.py`, eda-dm.md §2).
+"""FBR: Fine-grained Block Reconstruction loss (EDA-DM Sec. 4.2; official `qdiff/block_recon.py::block_reconstruction`).
 
     L = lp(B_q(x~), B_fp(x_fp)) + gamma * sum_{l in quantized layers of the block, except the last} lp(O_l^q, O_l^fp)
 
-with lp = `lp_loss(p=2)` (squared error summed over channels, averaged over the rest). The FP layer outputs come
-from a separate FP pass of the block on its FP input, the quantized ones from the quantized pass.
+with lp = `lp_loss(p=2)`: squared error summed over the channel dim, averaged over the rest. This is the one FBR
+implementation: `eda.recon` calls `fbr_layers` and `fbr_loss` for every unit, and `bench.perf` times the same.
 
-"The last" is the last quantized layer in module *registration* order, as the official code's list of
-QuantModules: a diffusers ResnetBlock2D registers conv1, time_emb_proj, conv2[, conv_shortcut], so without a
-shortcut conv the layer terms are conv1 + time_emb_proj (the paper figure's L_m1 + L_m2) and with one the out conv
-conv2 is included and the shortcut excluded (the official quirk, kept); an Attention block registers to_q, to_k,
-to_v, to_out.0, so to_out.0 is excluded. A unit with a single quantized layer has no layer terms.
+"The last" is the last quantized layer in module *registration* order, as the official code's list of hooked
+QuantModules (`hooks[:-1]`): a diffusers ResnetBlock2D registers conv1, time_emb_proj, conv2[, conv_shortcut], so
+without a shortcut conv the layer terms are conv1 + time_emb_proj (the paper figure's L_m1 + L_m2) and with one the
+out conv conv2 is included and the shortcut excluded (the official quirk, kept); an Attention registers to_q, to_k,
+to_v, to_out.0, so to_out.0 is excluded (the official AttnBlock: q, k, v, proj_out). A unit with a single quantized
+layer has no layer terms.
+
+The channel dim of each layer term follows the official layout (`channel_dim`): the official CIFAR and LSUN attention
+blocks compute q, k, v and the output projection with 1x1 convolutions on [B, C, H, W] (LSUN: conv1d on [B, C, T]),
+where diffusers' `Attention` uses Linear layers on [B, HW, C]; their terms sum over channels (the last dim here), not
+over tokens. Transformer blocks (SD, ImageNet LDM) use Linear layers on [B, T, C] in both codes, and the official
+`lp_loss` sums their dim 1 (tokens): kept as is.
 """
 
 from __future__ import annotations
@@ -51,9 +58,18 @@ def capture_outputs(block: nn.Module, names: list[str]) -> Iterator[dict[str, to
             h.remove()
 
 
+def channel_dim(unit_kind: str, layer: nn.Module) -> int:
+    """The dim `lp_loss` sums over for this layer's output term (see the module docstring): -1 for the Linear
+    projections of a convolutional attention block ("attention" units of UNet2DModel), else 1."""
+    inner = getattr(layer, "module", layer)  # QuantLayer wraps the original Conv2d / Linear
+    return -1 if unit_kind == "attention" and isinstance(inner, nn.Linear) else 1
+
+
 def fbr_loss(out_q: torch.Tensor, out_fp: torch.Tensor, layers_q: dict[str, torch.Tensor],
-             layers_fp: dict[str, torch.Tensor], gamma: float = FBR_GAMMA) -> torch.Tensor:
-    """Block-output lp loss + gamma * the sum of the layer-output lp losses over the layers in `layers_q`."""
+             layers_fp: dict[str, torch.Tensor], gamma: float = FBR_GAMMA,
+             dims: dict[str, int] | None = None) -> torch.Tensor:
+    """Block-output lp loss + gamma * the sum of the layer-output lp losses over the layers in `layers_q`, each summed
+    over its channel dim `dims[name]` (default 1)."""
     from eda.quantizer import lp_loss
 
     loss = lp_loss(out_q, out_fp, p=2.0)
@@ -61,5 +77,7 @@ def fbr_loss(out_q: torch.Tensor, out_fp: torch.Tensor, layers_q: dict[str, torc
         missing = sorted(set(layers_q) - set(layers_fp))
         if missing:
             raise KeyError(f"FBR: no FP output for layer(s) {missing}")
-        loss = loss + gamma * sum(lp_loss(layers_q[n], layers_fp[n].detach(), p=2.0) for n in layers_q)
+        dims = dims or {}
+        loss = loss + gamma * sum(lp_loss(layers_q[n], layers_fp[n].detach(), p=2.0, dim=dims.get(n, 1))
+                                  for n in layers_q)
     return loss

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from bench.errors import UsageError
 
 MIN_BITS, MAX_BITS = 2, 16
-_INITS = ("lp", "minmax")
+_INITS = ("lp", "minmax", "qdiff-max")  # eda.quantizer docstring
 
 
 def check_bits(bits: int, what: str = "bits") -> int:

@@ -1,18 +1,24 @@
 """Uniform affine fake-quantization with straight-through rounding (BRECQ/QDrop `UniformAffineQuantizer` lineage).
 
 Every quantizer works in unsigned integer space: q = clamp(round(x / delta) + z, 0, 2^b - 1), x_hat = (q - z) delta.
-"Symmetric" means the clipping range is [-thres, thres], or [0, thres] for one-sided tensors (observed minimum
->= 0, e.g. softmax outputs), which is how EDA-DM's released code builds its symmetric quantizer (eda-dm.md §2 "Quantizers"). One set of parameters per quantizer,
-shared by all time steps (eda-dm.md §2; the README of EDA-DM stresses it).
+"Symmetric" means the clipping range is [-thres, thres], or [0, thres] / [-thres, 0] for one-sided tensors, which is
+how EDA-DM's released code builds its symmetric quantizer (`qdiff/quant_layer.py::UniformAffineQuantizer`,
+`get_x_min_x_max`): one-sidedness ("pos" if min >= 0, "neg" if max <= 0) is decided once, on the whole tensor of the
+first call (all channels of a weight; the first calibration batch of an activation), and kept. One set of
+parameters per quantizer, shared by all time steps (EDA-DM's README stresses it).
 
-Range search ("lp"), documented variant:
-- symmetric: EDA-DM/QDrop 1-D search over 100 clipping ranges thres = absmax * i / 100, i = 1..100, minimising
-  the L_p error with p = 2.4 (LAPQ); one-sided tensors use [0, thres] (eda-dm.md §2);
-- asymmetric: Q-Diffusion's 80 shrink steps [min (1 - 0.01 i), max (1 - 0.01 i)], i = 0..79, same L_p error
-  (baselines.md §1.3).
-Per-channel weights search each output channel independently. For activations the error is evaluated on at most
-`LP_MAX_ELEMS` evenly strided elements (the extremes that set the candidates come from the full tensor), which
-keeps the search affordable on CPU; this subsampling is ours.
+Range estimators (`init`):
+- "lp": symmetric: EDA-DM/QDrop `perform_1D_search` over 100 clipping ranges thres = absmax * i / 100, i = 1..100,
+  minimising the mean |x - Q(x)|^2.4 (LAPQ), first minimum; asymmetric: Q-Diffusion's 'mse' branch, 80 shrink steps
+  [min (1 - 0.01 i), max (1 - 0.01 i)], i = 0..79, same error. Per-channel weights search each output channel
+  independently. For activations the error is evaluated on at most `LP_MAX_ELEMS` evenly strided elements (the
+  extremes that set the candidates come from the full tensor), which keeps the search affordable on CPU; this
+  subsampling is ours (docs/fidelity.md).
+- "minmax": the full range [min, max] (zero included), or [-absmax, absmax] when symmetric: our round-to-nearest.
+- "qdiff-max": Q-Diffusion's 'max' initialisation exactly (`init_quantization_scale`): symmetric (`--a_sym`)
+  delta = absmax / (2^(b-1) - 1) on the signed codes [-2^(b-1), 2^(b-1) - 1]; asymmetric
+  delta = (max - min) / (2^b - 1) of the raw range and z = round(-min(x_min, 0) / delta), per output channel for
+  weights.
 """
 
 from __future__ import annotations
@@ -53,13 +59,15 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def lp_loss(pred: torch.Tensor, tgt: torch.Tensor, p: float = 2.0, reduction: str = "none") -> torch.Tensor:
-    """The papers' `lp_loss`: |pred - tgt|^p summed over the channel dim (dim 1), averaged over the rest
-    ('none', as used for reconstruction); 'all' averages over every element."""
+def lp_loss(pred: torch.Tensor, tgt: torch.Tensor, p: float = 2.0, reduction: str = "none",
+            dim: int = 1) -> torch.Tensor:
+    """The papers' `lp_loss` (`qdiff/quant_layer.py::lp_loss`): |pred - tgt|^p summed over the channel dim (`dim`,
+    1 in the official layouts), averaged over the rest ('none', as used for reconstruction); 'all' averages over
+    every element."""
     err = (pred - tgt).abs().pow(p)
     if reduction == "all" or err.dim() < 2:
         return err.mean()
-    return err.sum(1).mean()
+    return err.sum(dim).mean()
 
 
 def _qdq(x, lo, hi, n_levels):
@@ -68,17 +76,26 @@ def _qdq(x, lo, hi, n_levels):
     return (torch.clamp((x / delta).round() + zp, 0, n_levels - 1) - zp) * delta
 
 
+def one_side(x: torch.Tensor) -> str:
+    """'pos' if every element is >= 0, 'neg' if every element is <= 0, else 'no' (the official `one_side_dist`)."""
+    return "pos" if float(x.min()) >= 0.0 else "neg" if float(x.max()) <= 0.0 else "no"
+
+
 def search_range(x2d: torch.Tensor, n_bits: int, symmetric: bool, method: str, unsigned: bool = False,
-                 p: float = LP_P, max_elems: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipping range (lo, hi) per row of `x2d` ([C, n]) by 'minmax' or the 'lp' search described above."""
+                 p: float = LP_P, max_elems: int | None = None, side: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipping range (lo, hi) per row of `x2d` ([C, n]) by the estimator `method` (module docstring). `side` is the
+    one-sidedness to use ('pos'/'neg'/'no'; None = decide on this tensor); `unsigned` forces 'pos'."""
     x2d = x2d.detach().float()
     xmin, xmax = x2d.min(1).values, x2d.max(1).values
-    one_sided = (xmin >= 0) | torch.tensor(unsigned)
-    xmin = torch.where(one_sided, torch.zeros_like(xmin), xmin)
+    if method == "qdiff-max":
+        return _qdiff_max(xmin, xmax, n_bits, symmetric)
+    side = "pos" if unsigned else (side or one_side(x2d))
+    zeros = torch.zeros_like(xmin)
     if symmetric:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
-        lo_full = torch.where(one_sided, torch.zeros_like(absmax), -absmax)
-        hi_full = absmax
+        lo_full = zeros if side == "pos" else -absmax
+        hi_full = zeros if side == "neg" else absmax
     else:
         lo_full, hi_full = xmin.clamp_max(0), xmax.clamp_min(0)
     if method == "minmax":
@@ -88,18 +105,37 @@ def search_range(x2d: torch.Tensor, n_bits: int, symmetric: bool, method: str, u
     if max_elems is not None and x2d.shape[1] > max_elems:
         x2d = x2d[:, :: -(-x2d.shape[1] // max_elems)]
     n_levels = 2**n_bits
-    fracs = torch.tensor([i / 100 for i in range(1, 101)] if symmetric else [1 - 0.01 * i for i in range(80)])
-    # Candidates are evaluated in chunks of [K, C, n] to keep the loop short (same result as one at a time).
+    # Candidate ranges [K, C] computed with the official float32 expressions: symmetric thres = xrange / 100 * i
+    # (`perform_1D_search`), asymmetric x_{min,max} * (1.0 - i * 0.01) (Q-Diffusion's 'mse').
+    if symmetric:
+        steps = torch.arange(1, 101, dtype=torch.float32)[:, None]
+        thres = torch.maximum(xmin.abs(), xmax.abs())[None] / 100 * steps
+        cand_lo = torch.zeros_like(thres) if side == "pos" else -thres
+        cand_hi = torch.zeros_like(thres) if side == "neg" else thres
+    else:
+        shrink = torch.tensor([1.0 - i * 0.01 for i in range(80)], dtype=torch.float32)[:, None]
+        cand_lo, cand_hi = xmin[None] * shrink, xmax[None] * shrink  # the raw range, zero not forced in
+    # Evaluated in chunks of [K, C, n] to keep the loop short (same result as one candidate at a time).
     chunk = max(1, (1 << 22) // max(x2d.numel(), 1))
     errs = []
-    for f in fracs.split(chunk):
-        lo, hi = lo_full[None] * f[:, None], hi_full[None] * f[:, None]  # [K, C]
+    for lo, hi in zip(cand_lo.split(chunk), cand_hi.split(chunk)):
         xq = _qdq(x2d[None], lo[..., None], hi[..., None], n_levels)
         errs.append((x2d[None] - xq).abs().pow(p).mean(-1))
-    best = torch.cat(errs).argmin(0)  # first minimum, as a strict '<' scan would pick
-    f_best = fracs[best]
-    best_lo, best_hi = lo_full * f_best, hi_full * f_best
-    return best_lo, best_hi
+    best = torch.cat(errs).argmin(0)  # first minimum, as the official strict '<' scan / argmin picks
+    cols = torch.arange(len(best))
+    return cand_lo[best, cols], cand_hi[best, cols]
+
+
+def _qdiff_max(xmin: torch.Tensor, xmax: torch.Tensor, n_bits: int, symmetric: bool):
+    """(lo, hi) whose grid (delta = (hi - lo) / (2^b - 1), z = round(-lo / delta)) is Q-Diffusion's 'max' init."""
+    n_levels = 2**n_bits
+    if symmetric:
+        half = 2 ** (n_bits - 1)
+        delta = (torch.maximum(xmin.clamp_max(0).abs(), xmax.clamp_min(0)) / (half - 1)).clamp_min(1e-8)
+        return -half * delta, (half - 1) * delta  # z = 2^(b-1): signed codes [-2^(b-1), 2^(b-1) - 1]
+    delta = ((xmax - xmin) / (n_levels - 1)).clamp_min(1e-8)
+    zp = (-xmin.clamp_max(0) / delta).round()
+    return -zp * delta, (n_levels - 1 - zp) * delta
 
 
 class UniformQuantizer(nn.Module):
@@ -119,6 +155,7 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("_range", torch.zeros(2, 0))  # running (lo, hi) while calibrating
         self.initialized = False
+        self.side: str | None = None  # one-sidedness, decided on the first tensor seen and kept (module docstring)
         self.enabled = True
         self.calibrating = False
         self.qdrop_prob = 0.0
@@ -145,18 +182,22 @@ class UniformQuantizer(nn.Module):
             self.zero_point = self._shape(like, zp).to(like.device)
         self.initialized = True
 
+    def _search(self, x: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.side is None:
+            self.side = one_side(x)
+        return search_range(self._rows(x), self.n_bits, self.symmetric, method, self.unsigned, self.p,
+                            None if self.channel_wise else LP_MAX_ELEMS, side=self.side)
+
     @torch.no_grad()
     def init_from(self, x: torch.Tensor, method: str | None = None):
         """Set the range from one tensor (weights: the whole weight; activations: one batch)."""
-        lo, hi = search_range(self._rows(x), self.n_bits, self.symmetric, method or self.init, self.unsigned,
-                              self.p, None if self.channel_wise else LP_MAX_ELEMS)
+        lo, hi = self._search(x, method or self.init)
         self.set_range(lo, hi, x)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor):
         """One calibration batch: range by the init method, EMA 0.9/0.1 across batches (EDA-DM)."""
-        lo, hi = search_range(self._rows(x), self.n_bits, self.symmetric, self.init, self.unsigned, self.p,
-                              None if self.channel_wise else LP_MAX_ELEMS)
+        lo, hi = self._search(x, self.init)
         new = torch.stack([lo, hi]).to(self._range.device)
         self._range = new if self._range.numel() == 0 else EMA_MOMENTUM * self._range + (1 - EMA_MOMENTUM) * new
         self.set_range(self._range[0], self._range[1], x)

@@ -1,38 +1,42 @@
-"""Block-wise and layer-wise reconstruction (BRECQ / Q-Diffusion / EDA-DM engine, eda-dm.md §2).
+"""Block-wise and layer-wise reconstruction: the BRECQ / Q-Diffusion / EDA-DM engine (EDA-DM Sec. 4.2; official
+`qdiff/block_recon.py::block_reconstruction` and `qdiff/layer_recon.py::layer_reconstruction`).
 
 For each unit in forward order:
-1. inputs: the unit's call arguments (args and kwargs such as temb or encoder_hidden_states, captured with
-   forward pre-hooks) from the already-quantized upstream model (`asym=True`) and from the FP model;
-2. targets: the FP unit's output on the FP input and, for FBR, the outputs of its inner layers. These are computed
-   ONCE per calibration set and cached (`cache_targets=True`); the official code recomputes them every iteration
-   (three block forwards per iteration); `cache_targets=False` does the same (two forwards: quantized + FP);
-3. Adam on the AdaRound alphas (lr_w) and on the activation step sizes (lr_a), each with
-   CosineAnnealingLR(T_max=iters, eta_min=0); QDrop: activation quantizers keep FP values with prob `qdrop_prob`,
-   and the unit input is the quantized one with prob `input_prob`, else the FP one;
+1. inputs (`eda.capture`): the unit's call arguments (args and kwargs such as temb or encoder_hidden_states) from
+   the FP model and, with `asym=True`, from the already-quantized upstream model, which the unit then learns from;
+   without asym the unit sees FP inputs (Q-Diffusion's activation stage);
+2. targets: the FP unit's output on the FP input and, for FBR, the outputs of its inner layers (`eda.fbr`). These
+   are computed ONCE per calibration set and cached (`cache_targets=True`); the official code recomputes them every
+   iteration (three block forwards per iteration: quantized, FP, quantized again for the layer outputs, with a
+   fresh QDrop draw); `cache_targets=False` recomputes them too (two forwards: quantized + FP);
+3. Adam on the AdaRound alphas (lr_w) and on the activation step sizes (lr_a), with CosineAnnealingLR(T_max=iters,
+   eta_min=0) or no scheduler; batches of `batch_size` calibration samples drawn without replacement; QDrop:
+   activation quantizers keep FP values with prob `qdrop_prob`, and the unit input is the quantized one with prob
+   `input_prob`, else the FP one; the optional AdaRound regulariser with b annealed 20 -> 2 after the warm-up;
 4. rounding is hardened (alpha >= 0) and the deltas frozen.
 
-Loss: "mse" = lp_loss(p=2) on the unit output; "lp" = lp_loss(p); "fbr" = output term + gamma * sum of lp_loss(p=2)
-over the unit's inner QuantLayer outputs except the LAST one in registration order (what the official code
-excludes, eda-dm.md §2: a ResnetBlock2D's conv_shortcut when it has one, else conv2; an Attention's to_out.0; a
-BasicTransformerBlock's ff.net.2 in diffusers' registration order, where the official SD code drops attn2.to_out).
-The reconstruction uses the quant state the model is in (weights only, or weights + activations).
+Loss: "mse" = lp_loss(p=2) on the unit output; "lp" = lp_loss(p); "fbr" = `eda.fbr.fbr_loss`: the output term +
+gamma * lp_loss(p=2) of every inner quantized layer but the last in registration order. The reconstruction uses the
+quant state the model is in (weights only, or weights + activations).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bench.errors import BenchError, UsageError
 from eda.adaround import AdaRoundQuantizer, annealed_b
+from eda.capture import collect_inputs, first_output
+from eda.fbr import capture_outputs, channel_dim, fbr_layers, fbr_loss
 from eda.quantizer import UniformQuantizer, lp_loss
 from eda.trajectories import CalibSet
 from eda.units import Unit, reconstruction_units, unit_layers
-from eda.wrap import QuantAttnProcessor, QuantLayer, get_quant_state, unet_kwargs
+from eda.wrap import QuantAttnProcessor, QuantLayer, get_quant_state
 
 
 @dataclass
@@ -72,94 +76,8 @@ class ReconConfig:
             raise UsageError(f"need iters >= 0 and batch_size >= 1, got {self.iters} and {self.batch_size}")
 
 
-class _Stop(Exception):
-    pass
-
-
-@dataclass
-class _Inputs:
-    """A unit's call arguments over the whole calibration set: per-sample tensors concatenated, the rest kept."""
-
-    args: list = field(default_factory=list)
-    kwargs: dict = field(default_factory=dict)
-    batched: set = field(default_factory=set)  # keys ('a', i) / ('k', name) whose value is per-sample
-
-    def get(self, idx: torch.Tensor | slice, device) -> tuple[list, dict]:
-        def pick(key, v):
-            return v[idx].to(device) if key in self.batched else v
-
-        return ([pick(("a", i), v) for i, v in enumerate(self.args)],
-                {k: pick(("k", k), v) for k, v in self.kwargs.items()})
-
-
-def _collect_inputs(model: nn.Module, module: nn.Module, calib: CalibSet, bs: int, device, name: str) -> _Inputs:
-    """Run `model` on the calibration set and capture `module`'s call arguments (stopping right there)."""
-    chunks: list[tuple[tuple, dict, int]] = []
-
-    def pre(mod, args, kwargs):
-        chunks.append((args, kwargs, cur[0]))
-        raise _Stop
-
-    cur = [0]
-    h = module.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for x, t, cond in calib.batches(bs, device=device):
-                cur[0] = len(x)
-                try:
-                    model(x, t, **unet_kwargs(cond))
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
-    if not chunks:
-        raise BenchError(f"unit {name} was never called in a forward pass of the UNet; cannot reconstruct it")
-    out = _Inputs()
-    a0, k0, _ = chunks[0]
-    for i, v in enumerate(a0):
-        if torch.is_tensor(v) and v.dim() > 0 and all(torch.is_tensor(c[0][i]) and len(c[0][i]) == c[2]
-                                                      for c in chunks):
-            out.batched.add(("a", i))
-            v = torch.cat([c[0][i].detach().cpu() for c in chunks])
-        out.args.append(v)
-    for k, v in k0.items():
-        if torch.is_tensor(v) and v.dim() > 0 and all(torch.is_tensor(c[1][k]) and len(c[1][k]) == c[2]
-                                                      for c in chunks):
-            out.batched.add(("k", k))
-            v = torch.cat([c[1][k].detach().cpu() for c in chunks])
-        out.kwargs[k] = v
-    return out
-
-
-def _main_key(inp: _Inputs):
-    if inp.args and ("a", 0) in inp.batched:
-        return ("a", 0)
-    for k in ("hidden_states", "input_tensor", "sample", "input"):
-        if ("k", k) in inp.batched:
-            return ("k", k)
-    raise BenchError("could not find the main input tensor (first argument or hidden_states) of a unit")
-
-
-def _first(out):
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return out.sample if hasattr(out, "sample") else out
-
-
-class _LayerTap:
-    """Forward hooks that record the outputs of the given modules (by name) during one forward."""
-
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.out: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(lambda mod, a, o, n=n: self.out.__setitem__(n, o))
-                        for n, m in modules.items()]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _unit_act_quantizers(unit: Unit) -> list[UniformQuantizer]:
+def unit_act_quantizers(unit: Unit) -> list[UniformQuantizer]:
+    """The activation quantizers inside a unit (layer inputs, attention q/k/v/softmax) that quantize something."""
     qs = []
     for m in unit.module.modules():
         if isinstance(m, QuantLayer) and m.act_allowed or isinstance(m, QuantAttnProcessor):
@@ -217,42 +135,53 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     layers = unit_layers(unit)
-    fp_layers = {n: (fp_unit.get_submodule(n) if n else fp_unit) for n in layers}
-    inner = list(layers)[:-1] if cfg.loss == "fbr" else []  # FBR: all inner layers but the last (registration)
-    q_act = _unit_act_quantizers(unit) if a_on else []
+    inner = fbr_layers(unit.module) if cfg.loss == "fbr" and cfg.gamma else []
+    dims = {n: channel_dim(unit.kind, layers[n]) for n in inner}
+    q_act = unit_act_quantizers(unit) if a_on else []
 
-    q_in = _collect_inputs(qmodel, unit.module, calib, cfg.collect_batch_size, device, unit.name)
-    fp_in = _collect_inputs(fp_unet, fp_unit, calib, cfg.collect_batch_size, device, unit.name) \
-        if (cfg.asym or not cfg.cache_targets) else q_in
-    if not cfg.asym:
-        q_in = fp_in
-    main = _main_key(q_in)
+    # Inputs (`save_inp_oup_data`): the FP model's always (targets, QDrop's FP half); with asym also the quantized
+    # upstream model's, which the unit then reconstructs from. Without asym the unit sees FP inputs, as Q-Diffusion's
+    # activation stage (`GetLayerInpOut` with asym=False runs the network in FP).
+    fp_in = collect_inputs(fp_unet, fp_unit, calib, cfg.collect_batch_size, device, unit.name)
+    q_in = collect_inputs(qmodel, unit.module, calib, cfg.collect_batch_size, device, unit.name) if cfg.asym \
+        else fp_in
+    main = q_in.main_key()
     M = len(calib)
 
     def fp_forward(sl):
-        """FP unit output (and inner-layer outputs) on the FP inputs of samples `sl`."""
-        tap = _LayerTap({n: fp_layers[n] for n in inner})
-        try:
-            with torch.no_grad():
-                args, kwargs = fp_in.get(sl, device)
-                out = _first(fp_unit(*args, **kwargs))
-        finally:
-            tap.remove()
-        return out, [tap.out[n] for n in inner]
+        """FP unit output and inner-layer outputs on the FP inputs of samples `sl`."""
+        with torch.no_grad(), capture_outputs(fp_unit, inner) as store:
+            args, kwargs = fp_in.get(sl, device)
+            out = first_output(fp_unit(*args, **kwargs))
+        return out, dict(store)
 
     cached = None
     if cfg.cache_targets:
-        outs, inn = [], []
+        outs, inn = [], {n: [] for n in inner}
         for s in range(0, M, cfg.collect_batch_size):
             o, i = fp_forward(slice(s, s + cfg.collect_batch_size))
             outs.append(o.cpu())
-            inn.append([v.cpu() for v in i])
-        cached = (torch.cat(outs), [torch.cat([b[j] for b in inn]) for j in range(len(inner))])
+            for n in inner:
+                inn[n].append(i[n].cpu())
+        cached = (torch.cat(outs), {n: torch.cat(v) for n, v in inn.items()})
 
     def targets(sl):
         if cached is not None:
-            return cached[0][sl].to(device), [v[sl].to(device) for v in cached[1]]
+            return cached[0][sl].to(device), {n: v[sl].to(device) for n, v in cached[1].items()}
         return fp_forward(sl)
+
+    def unit_loss(out, layer_outs, tgt, tgt_inner):
+        if cfg.loss == "fbr":
+            return fbr_loss(out, tgt, layer_outs, tgt_inner, cfg.gamma, dims)
+        return lp_loss(out, tgt, p=cfg.p if cfg.loss == "lp" else 2.0)
+
+    def record_terms(out, layer_outs, tgt, tgt_inner):
+        """The first iteration's block term and (unweighted) layer term: what the loss that ran was made of."""
+        with torch.no_grad():
+            block = lp_loss(out, tgt, p=cfg.p if cfg.loss == "lp" else 2.0).item()
+            layers = (fbr_loss(out, tgt, layer_outs, tgt_inner, 1.0, dims) - fbr_loss(out, tgt, {}, {}, 0.0)).item() \
+                if inner else 0.0
+        res["terms_first"] = {"block": block, "layers": layers}
 
     def eval_mse() -> float:
         tot = 0.0
@@ -260,20 +189,23 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
             for s in range(0, M, cfg.collect_batch_size):
                 sl = slice(s, s + cfg.collect_batch_size)
                 args, kwargs = q_in.get(sl, device)
-                out = _first(unit.module(*args, **kwargs))
+                out = first_output(unit.module(*args, **kwargs))
                 tot += lp_loss(out, targets(sl)[0]).item() * len(out)
         return tot / M
 
-    res = {"kind": unit.kind, "losses": []}
+    res = {"kind": unit.kind, "losses": [], "layer_terms": list(inner)}
     if cfg.eval_mse:
         res["mse_before"] = eval_mse()
 
     # learnable parameters: AdaRound alphas for weights, step sizes for activations
     ada = attach_adaround(layers) if cfg.learn_weights and w_on and cfg.iters > 0 else []
+    # The rounding regulariser covers each layer's `weight_quantizer` only, not the split half `weight_quantizer_0`
+    # (LossFunction in Q-Diffusion's / BRECQ's `block_recon.py` loops over QuantModules' weight_quantizer).
+    reg_qs = [layer.weight_quantizer for layer in layers.values() if any(layer.weight_quantizer is q for q in ada)]
     deltas = []
     if cfg.learn_act_delta and cfg.iters > 0:
         for q in q_act:
-            if q.enabled and q.initialized and q.n_bits < 16:  # 16-bit softmax excluded (baselines.md §1.5)
+            if q.enabled and q.initialized and q.n_bits < 16:  # 16-bit softmax excluded (Q-Diffusion block_recon)
                 q.learn_delta(True)
                 deltas.append(q.delta)
     opts = []
@@ -287,7 +219,6 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
     for q in q_act:
         q.qdrop_prob, q.training_qdrop = cfg.qdrop_prob, True
 
-    q_tap_modules = {n: layers[n] for n in inner}
     bar = range(iters)
     if progress:
         from tqdm.auto import tqdm
@@ -296,30 +227,27 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
     first_loss = None
     try:
         for it in bar:
-            sel = torch.randint(0, M, (cfg.batch_size,), generator=gen)
+            # a batch without replacement (`random.sample` in EDA-DM, `randperm(...)[:batch_size]` in Q-Diffusion)
+            sel = torch.randperm(M, generator=gen)[:cfg.batch_size]
             args, kwargs = q_in.get(sel, device)
-            if cfg.input_prob < 1.0 and cfg.asym:
-                fp_main = fp_in.get(sel, device)
-                fpv = fp_main[0][main[1]] if main[0] == "a" else fp_main[1][main[1]]
-                qv = args[main[1]] if main[0] == "a" else kwargs[main[1]]
-                mixed = torch.where(torch.rand(qv.shape, generator=gen).to(device) < cfg.input_prob, qv, fpv)
-                if main[0] == "a":
-                    args[main[1]] = mixed
-                else:
-                    kwargs[main[1]] = mixed
+            if cfg.asym and cfg.input_prob < 1.0:
+                # QDrop on the unit input: each element is the quantized one with prob input_prob, else the FP one
+                fp_args, fp_kwargs = fp_in.get(sel, device)
+                where_q, where_fp = (args, fp_args) if main[0] == "a" else (kwargs, fp_kwargs)
+                qv, fpv = where_q[main[1]], where_fp[main[1]]
+                where_q[main[1]] = torch.where(torch.rand(qv.shape, generator=gen).to(device) < cfg.input_prob,
+                                               qv, fpv)
             tgt, tgt_inner = targets(sel)
-            tap = _LayerTap(q_tap_modules)
-            try:
-                out = _first(unit.module(*args, **kwargs))
-            finally:
-                tap.remove()
-            rec = lp_loss(out, tgt, p=cfg.p if cfg.loss == "lp" else 2.0)
-            if inner:
-                rec = rec + cfg.gamma * sum(lp_loss(tap.out[n], t) for n, t in zip(inner, tgt_inner))
+            with capture_outputs(unit.module, inner) as layer_outs:
+                out = first_output(unit.module(*args, **kwargs))
+            rec = unit_loss(out, layer_outs, tgt, tgt_inner)
+            if it == 0:
+                record_terms(out, layer_outs, tgt, tgt_inner)
             loss = rec
-            b = annealed_b(it, iters, cfg.warmup, cfg.b_range) if cfg.adaround_reg else None
-            if b is not None and ada:
-                loss = loss + cfg.adaround_reg * sum(q.reg_loss(b) for q in ada)
+            # BRECQ's LinearTempDecay / LossFunction count iterations from 1
+            b = annealed_b(it + 1, iters, cfg.warmup, cfg.b_range) if cfg.adaround_reg else None
+            if b is not None and reg_qs:
+                loss = loss + cfg.adaround_reg * sum(q.reg_loss(b) for q in reg_qs)
             val = rec.item()
             if first_loss is None:
                 first_loss = val

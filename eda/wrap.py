@@ -309,6 +309,7 @@ def init_ranges(qmodel: nn.Module, calib: CalibSet, batch_size: int = 32, weight
         qs = list(act_quantizers(qmodel).values())
         for q in qs:
             q._range = q._range.new_zeros(2, 0)
+            q.side = None  # decided again on the first calibration batch
             q.calibrating = True
         set_quant_state(qmodel, True, True)
         batches = calib.batches(batch_size, device=next(qmodel.parameters()).device)

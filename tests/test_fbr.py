@@ -67,12 +67,52 @@ def test_capture_outputs_records_the_named_layers(qunet):
     assert all(not m._forward_hooks for m in block.modules())
 
 
-def test_recon_engine_uses_the_same_layers_for_every_unit(qunet):
-    """eda.recon computes the FBR term itself: its inner layers must be exactly fbr_layers for every unit."""
-    from eda.units import reconstruction_units, unit_layers
+def test_attention_projection_terms_sum_over_channels(qunet):
+    """The official attention computes q/k/v/proj_out as 1x1 convs on [B, C, H, W] and lp_loss sums channels;
+    diffusers' Linear projections give [B, HW, C], so their terms sum the last dim. Transformer blocks keep dim 1
+    (the official Linear layout is the same there)."""
+    from eda.fbr import channel_dim
 
-    units = reconstruction_units(qunet)
-    assert {u.kind for u in units} >= {"resnet", "attention", "layer"}
-    for u in units:
-        engine = list(unit_layers(u))[:-1]
-        assert engine == (fbr_layers(u.module) if u.kind != "layer" else []), u.name
+    attn = qunet.mid_block.attentions[0]
+    assert [channel_dim("attention", attn.get_submodule(n)) for n in fbr_layers(attn)] == [-1, -1, -1]
+    res = qunet.down_blocks[0].resnets[0]
+    assert [channel_dim("resnet", res.get_submodule(n)) for n in fbr_layers(res)] == [1, 1]
+    assert channel_dim("transformer", attn.to_q) == 1
+    torch.manual_seed(0)
+    q, f = torch.randn(2, 16, 8), torch.randn(2, 16, 8)  # [B, tokens, channels]
+    z = torch.zeros(2, 3)
+    by_channel = fbr_loss(z, z, {"to_q": q}, {"to_q": f}, gamma=1.0, dims={"to_q": -1})
+    assert torch.allclose(by_channel, ((q - f) ** 2).sum(-1).mean())
+    assert not torch.allclose(by_channel, fbr_loss(z, z, {"to_q": q}, {"to_q": f}, gamma=1.0))  # tokens: differs
+
+
+def test_recon_runs_the_fbr_layer_terms_of_every_unit(qunet):
+    """What eda.recon actually ran: every block unit's FBR layer terms are fbr_layers (the one FBR), their first
+    iteration adds a positive layer term to the block term, and plain MSE runs none."""
+    import copy
+
+    from eda.recon import ReconConfig, reconstruct
+    from eda.trajectories import CalibSet
+    from eda.units import reconstruction_units
+    from eda.wrap import init_ranges
+
+    q = copy.deepcopy(qunet)
+    fp = copy.deepcopy(qunet)
+    from eda.wrap import set_quant_state
+
+    set_quant_state(fp, False, False)
+    g = torch.Generator().manual_seed(0)
+    calib = CalibSet(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g))
+    init_ranges(q, calib, batch_size=8)
+    units = {u.name: u for u in reconstruction_units(q)}
+    rep = reconstruct(q, fp, calib, ReconConfig(iters=2, batch_size=4, loss="fbr", gamma=0.8), progress=False)
+    for name, r in rep["units"].items():
+        expect = fbr_layers(units[name].module) if units[name].kind != "layer" else []
+        assert r["layer_terms"] == expect, name
+        if expect:
+            assert r["terms_first"]["layers"] > 0 and r["losses"][0] == pytest.approx(
+                r["terms_first"]["block"] + 0.8 * r["terms_first"]["layers"], rel=1e-5), name
+    q2 = copy.deepcopy(qunet)
+    init_ranges(q2, calib, batch_size=8)
+    rep2 = reconstruct(q2, fp, calib, ReconConfig(iters=2, batch_size=4, loss="mse"), progress=False)
+    assert all(r["layer_terms"] == [] and r["terms_first"]["layers"] == 0 for r in rep2["units"].values())

@@ -106,10 +106,24 @@ def test_adaround_init_and_harden():
     assert ada.reg_loss(2.0).item() >= 0
 
 
-def test_annealed_b():
-    assert annealed_b(0, 100, 0.2) is None
-    assert annealed_b(20, 100, 0.2) == pytest.approx(20.0)
-    assert annealed_b(100, 100, 0.2) == pytest.approx(2.0)
+def official_b(count, iters, warmup, b_range=(20, 2)):
+    """LossFunction.__call__ + LinearTempDecay of Q-Diffusion / EDA-DM `block_recon.py`, transcribed: the b used at
+    the count-th call, or None where the rounding loss is 0."""
+    loss_start = iters * warmup
+    start_decay = (warmup + (1 - warmup) * 0) * iters  # decay_start = 0
+    if count < loss_start:
+        return None
+    if count < start_decay:
+        return b_range[0]
+    rel_t = (count - start_decay) / (iters - start_decay)
+    return b_range[1] + (b_range[0] - b_range[1]) * max(0.0, 1 - rel_t)
+
+
+@pytest.mark.parametrize("iters,warmup", [(100, 0.2), (20000, 0.2), (7, 0.2), (10, 0.0)])
+def test_annealed_b_matches_the_official_schedule(iters, warmup):
+    for count in range(1, iters + 1):
+        assert annealed_b(count, iters, warmup) == official_b(count, iters, warmup), count
+    assert annealed_b(iters, iters, warmup) == pytest.approx(2.0)
 
 
 def test_lp_loss_convention():
@@ -167,3 +181,104 @@ def test_compiled_inference_kernel_matches_eager(monkeypatch):
             monkeypatch.setattr(Q, "COMPILED_INFERENCE", True)
             compiled = q(x)
         assert torch.equal(eager, compiled)
+
+
+# ---- range estimators pinned against transcriptions of the official code ---------------------------------------------
+def official_1d_search(x: torch.Tensor, n_bits: int, channel_wise: bool):
+    """EDA-DM `qdiff/quant_layer.py::UniformAffineQuantizer.perform_1D_search` + `calculate_qparams` (symmetric
+    'mse'), one candidate at a time: one-sidedness of the whole tensor, thres = xrange / 100 * i, L_2.4 error."""
+    n_levels = 2**n_bits
+    side = "pos" if x.min() >= 0.0 else "neg" if x.max() <= 0.0 else "no"
+    y = x.flatten(1) if channel_wise else x.reshape(1, -1)
+    x_min, x_max = y.min(1).values, y.max(1).values
+    xrange = torch.max(x_min.abs(), x_max)
+    best_score = torch.full_like(x_min, 1e10)
+    best_min, best_max = x_min.clone(), x_max.clone()
+
+    def qparams(lo, hi):
+        scale = torch.max((torch.max(hi, torch.zeros_like(hi)) - torch.min(lo, torch.zeros_like(lo))) / (n_levels - 1),
+                          torch.tensor(1e-8))
+        zp = torch.clamp(0 - torch.round(torch.min(lo, torch.zeros_like(lo)) / scale), 0, n_levels - 1)
+        return scale, zp
+
+    for i in range(1, 101):
+        thres = xrange / 100 * i
+        new_min = torch.zeros_like(x_min) if side == "pos" else -thres
+        new_max = torch.zeros_like(x_max) if side == "neg" else thres
+        scale, zp = qparams(new_min, new_max)
+        xq = (torch.clamp(torch.round(y / scale[:, None]) + zp[:, None], 0, n_levels - 1) - zp[:, None]) * scale[:, None]
+        score = (y - xq).abs().pow(2.4).mean(1)
+        best_min = torch.where(score < best_score, new_min, best_min)
+        best_max = torch.where(score < best_score, new_max, best_max)
+        best_score = torch.min(score, best_score)
+    return qparams(best_min, best_max)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("kind", ["weight", "activation", "positive", "negative", "mixed-channels"])
+def test_lp_search_matches_the_official_1d_search(bits, kind):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(16, 8, 3, 3, generator=g) * torch.rand(16, 1, 1, 1, generator=g) * 2
+    if kind == "positive":
+        x = x.abs()  # one-sided: [0, thres]
+    elif kind == "negative":
+        x = -x.abs()
+    elif kind == "mixed-channels":
+        x[:4] = x[:4].abs()  # some channels all positive: the whole tensor is two-sided, so they are too
+    channel_wise = kind != "activation"
+    q = UniformQuantizer(bits, symmetric=True, channel_wise=channel_wise, init="lp")
+    q.init_from(x)
+    delta, zp = official_1d_search(x, bits, channel_wise)
+    assert torch.equal(q.delta.detach().flatten(), delta.flatten())
+    assert torch.equal(q.zero_point.flatten(), zp.flatten())
+
+
+def test_activation_side_is_kept_from_the_first_batch():
+    """The official quantizer decides one_side_dist on its first input and keeps it: a later batch with a few
+    negatives keeps the [0, thres] range of a post-ReLU-like activation."""
+    q = UniformQuantizer(8, symmetric=True, init="lp")
+    q.calibrating = True
+    q(torch.rand(1000))
+    assert q.side == "pos" and float(q.zero_point) == 0
+    q(torch.rand(1000) - 0.01)
+    assert q.side == "pos" and float(q.zero_point) == 0
+
+
+def official_qdiff_max(x: torch.Tensor, n_bits: int, symmetric: bool, channel_wise: bool):
+    """Q-Diffusion `qdiff/quant_layer.py::UniformAffineQuantizer.init_quantization_scale`, 'max' branch, per
+    channel as its loop: (delta, zero_point, code range)."""
+    def one(t):
+        x_min, x_max = min(t.min().item(), 0), max(t.max().item(), 0)
+        if symmetric:
+            n_levels = 2 ** (n_bits - 1) - 1
+            delta, zp = max(abs(x_min), x_max) / n_levels, 0.0
+        else:
+            n_levels = 2**n_bits
+            delta = float(t.max().item() - t.min().item()) / (n_levels - 1)
+            delta = max(delta, 1e-8)
+            zp = round(-x_min / delta)
+        return delta, zp
+
+    rows = x.flatten(1) if channel_wise else x.reshape(1, -1)
+    return [one(r) for r in rows]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_qdiff_max_matches_qdiffusion(symmetric):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, generator=g) + torch.linspace(-1, 1, 6)[:, None, None, None]
+    w[2] = w[2].abs() + 0.1  # a channel without zero in its range
+    q = UniformQuantizer(4, symmetric=symmetric, channel_wise=True, init="qdiff-max")
+    q.init_from(w)
+    ref = official_qdiff_max(w, 4, symmetric, True)
+    for c, (delta, zp) in enumerate(ref):
+        assert float(q.delta[c]) == pytest.approx(delta, rel=1e-6)
+        # our unsigned codes put Q-Diffusion's signed symmetric grid [-8, 7] at zero point 2^(b-1)
+        assert float(q.zero_point[c]) == (8 if symmetric else zp)
+    x = w.clone()
+    deq = q(x)
+    for c, (delta, zp) in enumerate(ref):  # Q-Diffusion's forward on the same grid
+        lo, hi = (-8, 7) if symmetric else (0, 15)
+        xi = torch.round(x[c] / delta) + (0 if symmetric else zp)
+        expect = (torch.clamp(xi, lo, hi) - (0 if symmetric else zp)) * delta
+        assert torch.allclose(deq[c], expect, atol=1e-6)
