@@ -48,7 +48,7 @@ class QDiffusion(PTQMethod):
     warmup: float = 0.2
     w_symmetric: bool = False
     a_symmetric: bool = True
-    first_last_8bit: bool = False
+    first_last_8bit: str = "none"
     quantize_output_input: bool = True
     w_init: str = "minmax"
     a_init: str = "minmax"

@@ -1,8 +1,9 @@
 """Bit policy as plain data: which bits go where (weights, activations, softmax, first/last layer).
 
-The defaults follow EDA-DM's released setup (eda-dm.md §2 "Quantizers" and "First/last layer"): symmetric weights
-(per output channel) and activations (per tensor), L_p (p = 2.4) range search, softmax output at 8 bit, the first
-and last weight layers at 8 bit, and the input of the network's output conv left unquantized.
+The defaults follow EDA-DM's released setup (`scripts/sample_diffusion_ddim.py`, `qdiff/quant_model.py`): symmetric
+weights (per output channel) and activations (per tensor), L_p (p = 2.4) range search, softmax output at 8 bit, the
+first and last weight layers at 8 bit (`set_first_last_layer_to_8bit`), and the input of the network's output conv
+left unquantized (`disable_network_output_quantization`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from bench.errors import UsageError
 
 MIN_BITS, MAX_BITS = 2, 16
 _INITS = ("lp", "minmax", "qdiff-max")  # eda.quantizer docstring
+FIRST_LAST_CHOICES = ("official", "conv_io", "none")
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -41,7 +43,12 @@ class BitPolicy:
     w_bits: int
     a_bits: int
     softmax_bits: int = 8  # Q-Diffusion `sm_abit` default; SD W*A8 uses 16 (baselines.md §1.7)
-    first_last_8bit: bool = True  # first and last weight layers (registration order) at 8 bit (eda-dm.md §2)
+    # Which weight layers stay at 8 bit (QDrop's `set_first_last_layer_to_8bit`, used by EDA-DM and PTQ4DM):
+    # "official": the first and last weight quantizers in the official models' registration order, i.e. the
+    #   time-embedding MLP's first Linear (registered before conv_in there) and conv_out;
+    # "conv_io": conv_in and conv_out (the first and last layers of diffusers' registration order);
+    # "none": every layer at w_bits (Q-Diffusion).
+    first_last_8bit: str = "official"
     quantize_output_input: bool = False  # official: disable_network_output_quantization (input of conv_out is FP)
     split_shortcut: bool = True  # Q-Diffusion --split: separate quantizers for [h | skip] on the decoder shortcut
     split_conv1: bool = False  # also split conv1's input (it sees the concat too; not done by the official code)
@@ -52,6 +59,11 @@ class BitPolicy:
     quantize_attention: bool = True  # both attention matmuls (q, k, softmax, v quantizers)
 
     def __post_init__(self):
+        if isinstance(self.first_last_8bit, bool):  # saved before the choice had names: True meant conv_in/conv_out
+            object.__setattr__(self, "first_last_8bit", "conv_io" if self.first_last_8bit else "none")
+        if self.first_last_8bit not in FIRST_LAST_CHOICES:
+            raise UsageError(f"first_last_8bit must be one of {', '.join(FIRST_LAST_CHOICES)}, got "
+                             f"{self.first_last_8bit!r}")
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         check_bits(self.softmax_bits, "softmax_bits")

@@ -154,7 +154,7 @@ class PTQMethod(Method):
 
     n_samples: int = 1024  # calibration samples (EDA-DM and PTQ4DM: 1024)
     # BitPolicy knobs (eda.policy); defaults = EDA-DM's released setup, subclasses change them.
-    first_last_8bit: bool = True
+    first_last_8bit: str = "official"  # "official" | "conv_io" | "none" (eda.policy.BitPolicy)
     split_shortcut: bool = True
     w_symmetric: bool = True
     a_symmetric: bool = True

@@ -210,6 +210,21 @@ def concat_splits(unet: nn.Module) -> dict[str, int]:
     return out
 
 
+def first_last_layers(names: list[str], choice: str) -> tuple[str, ...]:
+    """The weight layers `set_first_last_layer_to_8bit` puts at 8 bit (`eda.policy.BitPolicy.first_last_8bit`).
+
+    The official models (the DDIM CIFAR-10 `Model`, LDM's and improved-diffusion's `UNetModel`) register their
+    time-embedding MLP before the input conv, so QDrop's "first weight quantizer" (`w_list[0]`) is the time
+    embedding's first Linear; diffusers registers conv_in first. "official" picks that Linear (the first
+    `time_embedding.*` layer; conv_in if the UNet has none) and the last layer (conv_out in both orders)."""
+    if choice == "none":
+        return ()
+    if choice == "conv_io":
+        return (names[0], names[-1])
+    temb = [n for n in names if n.startswith("time_embedding.")]
+    return (temb[0] if temb else names[0], names[-1])
+
+
 def _attention_cls():
     from diffusers.models.attention_processor import Attention
 
@@ -230,11 +245,12 @@ def quantize_unet(unet: nn.Module, policy: BitPolicy, inplace: bool = False) -> 
     targets = [(n, m) for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     if not targets:
         raise ValueError("no Conv2d/Linear layers to quantize")
-    first, last = targets[0][0], targets[-1][0]
+    eight_bit = first_last_layers([n for n, _ in targets], policy.first_last_8bit)
+    last = targets[-1][0]
     for name, mod in targets:
         w_bits = policy.w_bits
-        if policy.first_last_8bit and name in (first, last):
-            w_bits = max(8, w_bits)  # eda-dm.md §2: first and last weight quantizers (registration order) at 8 bit
+        if name in eight_bit:
+            w_bits = max(8, w_bits)
         split = splits.get(name, 0)
         if split and split >= (mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features):
             split = 0

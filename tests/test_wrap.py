@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from bench.errors import UsageError
+
 from eda.policy import BitPolicy
 from eda.trajectories import CalibSet
 from eda.wrap import (
@@ -117,13 +119,39 @@ def test_split_exactly_on_concat_convs(which, split_conv1, request):
         "up_blocks.0.resnets.0.conv_shortcut"].split
 
 
+def official_first_last(unet) -> tuple[str, str]:
+    """QDrop's set_first_last_layer_to_8bit (w_list[0], w_list[-1]) in the official models' registration order:
+    their UNets register the time-embedding MLP before everything else (DDIM `Model.temb`, LDM / improved-diffusion
+    `UNetModel.time_embed`), the rest in the order diffusers registers it."""
+    from torch import nn
+
+    names = [n for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    temb = [n for n in names if n.startswith("time_embedding.")]
+    official_order = temb + [n for n in names if n not in temb]
+    return official_order[0], official_order[-1]
+
+
+@pytest.mark.parametrize("which", ["tiny_unet", "tiny_cond_unet"])
+def test_first_last_8bit_is_the_official_choice(which, request):
+    unet = request.getfixturevalue(which)
+    layers = quant_layers(quantize_unet(unet, BitPolicy.from_bits("W4A8", **FAST)))
+    eight = [n for n, m in layers.items() if m.weight_quantizer.n_bits == 8]
+    assert tuple(eight) == tuple(sorted(official_first_last(unet), key=list(layers).index))
+    assert eight[0] == "time_embedding.linear_1" and eight[-1] == "conv_out"
+    io = quant_layers(quantize_unet(unet, BitPolicy.from_bits("W4A8", **FAST, first_last_8bit="conv_io")))
+    assert [n for n, m in io.items() if m.weight_quantizer.n_bits == 8] == ["conv_in", "conv_out"]
+    with pytest.raises(UsageError, match="first_last_8bit"):
+        BitPolicy.from_bits("W4A8", first_last_8bit="first")
+
+
 def test_policy_first_last_and_output(tiny_unet):
     q = quantize_unet(tiny_unet, BitPolicy.from_bits("W4A8", **FAST))
     layers = quant_layers(q)
     names = list(layers)
     assert names[0] == "conv_in" and names[-1] == "conv_out"
-    assert layers["conv_in"].weight_quantizer.n_bits == 8 and layers["conv_out"].weight_quantizer.n_bits == 8
-    assert layers["time_embedding.linear_1"].weight_quantizer.n_bits == 4
+    assert layers["time_embedding.linear_1"].weight_quantizer.n_bits == 8 and \
+        layers["conv_out"].weight_quantizer.n_bits == 8
+    assert layers["conv_in"].weight_quantizer.n_bits == 4
     assert not layers["conv_out"].act_allowed and layers["conv_in"].act_allowed
     assert next(iter(attn_processors(q).values())).softmax_quantizer.unsigned
     pol = BitPolicy.from_bits("W4A8", **FAST, first_last_8bit=False, quantize_output_input=True, softmax_bits=16,
