@@ -1,16 +1,26 @@
-"""Q-Diffusion (Li et al., ICCV 2023), CIFAR-10 DDIM settings of the official README (baselines.md §1).
+"""Q-Diffusion (Li et al., ICCV 2023), CIFAR-10 DDIM settings of the official README and
+`scripts/sample_diffusion_ddim.py`.
 
 - Calibration: time step-aware uniform sampling: the steps `range(0, S, S // cali_st)` of the sampling trajectory
   (index 0 = x_T, as DDIM's saved intermediates) and the first `cali_n` trajectories at each, 20 x 256 = 5120
-  samples by default (`get_train_samples`). Unlike TDAC/NDTC a trajectory contributes at several steps.
-- Weights: BRECQ block reconstruction with AdaRound, activations off: regulariser 0.01, b 20 -> 2, warm-up 0.2,
-  Adam lr 1e-3 (default) on alpha only, no scheduler, 20000 iterations per block/layer, batch 32, `asym=True`.
-- Activations: then the step sizes alone (LSQ, zero point fixed) with weights and activations on: Adam lr 4e-4,
-  cosine to 0, L_p loss with p = 2.4, 5000 iterations, batch 32, `asym=False` (FP block inputs).
-- Policy: asymmetric per-channel weights, symmetric per-tensor activations (`--a_sym`), shortcut split on (`--split`),
-  every layer at the same bits and every layer input quantized, the output conv's included (no first/last 8-bit
-  exception, no `disable_network_output_quantization`; baselines.md §1.8), min-max ('max') ranges as the DDIM
-  script, softmax output at 8 bit.
+  samples by default (`qdiff/utils.py::get_train_samples`). Unlike TDAC/NDTC a trajectory contributes at several
+  steps.
+- Quantizers: per-channel asymmetric weights and symmetric (`--a_sym`) per-tensor activations, both initialised by
+  'max' (`init_quantization_scale`, our "qdiff-max": symmetric codes [-2^(b-1), 2^(b-1) - 1] with
+  delta = absmax / (2^(b-1) - 1)); the softmax output quantizer takes the activation settings (`sm_abit` 8), so on
+  the CIFAR attention block it is the same signed grid.
+- Weights: BRECQ block reconstruction with AdaRound, activations off: regulariser 0.01 on `weight_quantizer`,
+  b 20 -> 2, warm-up 0.2, Adam lr 1e-3 (default) on alpha only, no scheduler, 20000 iterations per block/layer, batch
+  32, `asym=True` (inputs from the weight-quantized upstream model).
+- Then activation ranges from the first quantized forward of 64 random calibration samples (no `--running_stat` in
+  the CIFAR command), after weight reconstruction as the script orders it.
+- Activations: the step sizes alone (LSQ, zero point fixed) with weights and activations on: Adam lr 4e-4, cosine to
+  0, L_p loss with p = 2.4, 5000 iterations, batch 32, `asym=False`: FP block inputs and FP targets
+  (`GetLayerInpOut` runs the network in FP when asym is off).
+- Policy: shortcut split on (`--split`), every layer at the same bits and every layer input quantized, the output
+  conv's included (no first/last 8-bit exception, no `disable_network_output_quantization`).
+The LDM and SD scripts differ (L_p 'mse' ranges, no `--a_sym` on Church and SD, no split on LSUN, softmax 16 bit on
+SD, `--running_stat`): bench.zoo sets those per model.
 """
 
 from __future__ import annotations
@@ -50,8 +60,8 @@ class QDiffusion(PTQMethod):
     a_symmetric: bool = True
     first_last_8bit: str = "none"
     quantize_output_input: bool = True
-    w_init: str = "minmax"
-    a_init: str = "minmax"
+    w_init: str = "qdiff-max"  # the DDIM script's scale_method 'max'
+    a_init: str = "qdiff-max"
     # activation ranges from the first quantized forward on 64 random calibration samples (DDIM script, no
     # --running_stat in the CIFAR command)
     init_batch: int = 64
@@ -85,4 +95,5 @@ class QDiffusion(PTQMethod):
         a = ReconConfig(iters=self.scaled(self.iters_a), batch_size=self.batch_size, lr_w=0.0, lr_a=self.lr_a,
                         loss="lp", p=self.p, qdrop_prob=0.0, input_prob=1.0, adaround_reg=None,
                         learn_weights=False, learn_act_delta=True, asym=False, seed=seed)
-        return [Stage("weights", w, weights=True, acts=False), Stage("activations", a, weights=True, acts=True)]
+        return [Stage("weights", w, weights=True, acts=False),
+                Stage("activations", a, weights=True, acts=True, init_acts=True)]

@@ -145,6 +145,9 @@ class Stage:
     config: Any  # eda.recon.ReconConfig
     weights: bool = True
     acts: bool = True
+    # Initialise the activation ranges right before this stage, with the weights as reconstructed so far (Q-Diffusion:
+    # after weight reconstruction). No stage asking for it = activation ranges set with the weight ranges (EDA-DM).
+    init_acts: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,9 +227,14 @@ class PTQMethod(Method):
         calib, allocation, extra = m.select(model, trajectories, seed)
         policy = m.policy(bits)
         qunet = quantize_unet(model.unet, policy)
-        init_ranges(qunet, m.init_subset(calib, seed), batch_size=m.init_batch)
+        stages = m.stages(bits, seed)
+        late_acts = any(stage.init_acts for stage in stages)
+        init_subset = m.init_subset(calib, seed)
+        init_ranges(qunet, init_subset, batch_size=m.init_batch, acts=not late_acts)
         reports = []
-        for stage in m.stages(bits, seed):
+        for stage in stages:
+            if stage.init_acts:
+                init_ranges(qunet, init_subset, batch_size=m.init_batch, weights=False, acts=True)
             set_quant_state(qunet, weights=stage.weights, acts=stage.acts)
             rep = reconstruct(qunet, model.unet, calib, stage.config, progress=progress)
             reports.append({"stage": stage.name, **(rep or {})})

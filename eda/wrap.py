@@ -144,7 +144,10 @@ class QuantAttnProcessor(nn.Module):
             return UniformQuantizer(policy.a_bits, policy.a_symmetric, init=policy.a_init)
 
         self.q_quantizer, self.k_quantizer, self.v_quantizer = mk(), mk(), mk()
-        self.softmax_quantizer = UniformQuantizer(policy.softmax_bits, symmetric=True, unsigned=True,
+        # The softmax output quantizer takes the activation settings at `softmax_bits` (sm_abit), one-sided: [0, thres]
+        # under the L_p search (EDA-DM), and under Q-Diffusion's 'max' init the activation grid as Q-Diffusion builds
+        # it (signed with --a_sym on the CIFAR attention block, else always_zero).
+        self.softmax_quantizer = UniformQuantizer(policy.softmax_bits, symmetric=policy.a_symmetric, unsigned=True,
                                                   init=policy.a_init)
         self.use_act_quant = True
 
