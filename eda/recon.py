@@ -58,8 +58,9 @@ class ReconConfig:
     asym: bool = True
     seed: int = 0
     cache_targets: bool = True
-    # "cosine": CosineAnnealingLR(T_max=iters, eta_min=0) as EDA-DM and Q-Diffusion's activation stage;
-    # "constant": no scheduler, as BRECQ / Q-Diffusion's AdaRound weight stage (baselines.md §1.4)
+    # "cosine": CosineAnnealingLR(T_max=iters, eta_min=0) on both optimisers, as EDA-DM (and Q-Diffusion's
+    # activation stage); "constant": no scheduler, as BRECQ / Q-Diffusion's AdaRound weight stage; "cosine_acts":
+    # the step sizes' optimiser cosine, the rounding's constant, as QDrop's layer/block_reconstruction
     lr_schedule: str = "cosine"
     granularity: str = "block"  # "block" (resnet/attention/transformer blocks + leftover layers) | "layer"
     only: tuple[str, ...] | None = None  # restrict to these unit names (tests, ablations)
@@ -70,8 +71,8 @@ class ReconConfig:
     def __post_init__(self):
         if self.loss not in ("mse", "fbr", "lp"):
             raise UsageError(f"reconstruction loss must be mse, fbr or lp, got {self.loss!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise UsageError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if self.lr_schedule not in ("cosine", "constant", "cosine_acts"):
+            raise UsageError(f"lr_schedule must be cosine, constant or cosine_acts, got {self.lr_schedule!r}")
         if self.iters < 0 or self.batch_size < 1:
             raise UsageError(f"need iters >= 0 and batch_size >= 1, got {self.iters} and {self.batch_size}")
 
@@ -208,13 +209,16 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
             if q.enabled and q.initialized and q.n_bits < 16:  # 16-bit softmax excluded (Q-Diffusion block_recon)
                 q.learn_delta(True)
                 deltas.append(q.delta)
-    opts = []
+    opts, annealed = [], []
     if ada:
         opts.append(torch.optim.Adam([q.alpha for q in ada], lr=cfg.lr_w))
+        if cfg.lr_schedule == "cosine":
+            annealed.append(opts[-1])
     if deltas:
         opts.append(torch.optim.Adam(deltas, lr=cfg.lr_a))
-    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(cfg.iters, 1), eta_min=0) for o in opts] \
-        if cfg.lr_schedule == "cosine" else []
+        if cfg.lr_schedule in ("cosine", "cosine_acts"):
+            annealed.append(opts[-1])
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(cfg.iters, 1), eta_min=0) for o in annealed]
     iters = cfg.iters if opts else 0
     for q in q_act:
         q.qdrop_prob, q.training_qdrop = cfg.qdrop_prob, True

@@ -146,8 +146,10 @@ def test_qdiffusion_selection_is_steps_by_samples(model, trajectories):
 
 def test_ptq4dm_official_variant_selection(model, trajectories):
     m = get_method("ptq4dm").configure(model, "W8A8", tiny("ptq4dm", ndtc="official"))
-    calib, alloc, _ = m.select(model, trajectories, seed=0)
-    assert len(calib) == 8 and sum(alloc) == 8
+    calib, alloc, extra = m.select(model, trajectories, seed=0)
+    assert len(calib) == sum(alloc) == 8 - extra["ndtc_dropped"] > 0  # out-of-range draws are dropped
+    paper = get_method("ptq4dm").configure(model, "W8A8", tiny("ptq4dm", ndtc="paper"))
+    assert len(paper.select(model, trajectories, seed=0)[0]) == 8  # clamped: every draw kept
 
 
 def test_too_few_trajectories(model, trajectories):
@@ -182,6 +184,18 @@ def test_ptq4dm_official_scripts_skip_reconstruction(model, trajectories):
     res = get_method("ptq4dm").quantize(model, "W8A8", trajectories, overrides=tiny("ptq4dm", official_scripts=True),
                                         progress=False)
     assert res.info["recon"] == []
+
+
+def test_ptq4dm_qdrop_reconstruction_is_layer_wise(model, trajectories):
+    """QDrop's recon_model finds no special blocks in a diffusion UNet: every Conv/Linear is its own unit."""
+    from eda.wrap import quant_layers
+
+    res = get_method("ptq4dm").quantize(model, "W4A8", trajectories, overrides=tiny("ptq4dm", official_scripts=False),
+                                        progress=False)
+    (stage,) = res.info["recon"]
+    assert {r["kind"] for r in stage["units"].values()} == {"layer"}
+    assert set(stage["units"]) == set(quant_layers(res.unet))
+    assert stage["config"]["lr_schedule"] == "cosine_acts" and stage["config"]["adaround_reg"] == 0.01
 
 
 def test_quantize_is_seeded(model, trajectories):
