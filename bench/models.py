@@ -21,6 +21,8 @@ import torch
 from bench.errors import BenchError, UsageError
 from bench.sampling import SamplerConfig
 from bench.schedule import alphas_cumprod_for
+# the guidance helpers live in the method library; re-exported so `bench.models.split_guidance` keeps working
+from eda.guidance import UNCOND_PREFIX, guided_inputs, split_guidance  # noqa: F401
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DIGITS_DIR = ASSETS / "digits-ddpm"
@@ -87,35 +89,6 @@ class DiffusionModel:
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """Sampler output -> images in [-1, 1] (decodes latents for LDMs)."""
         return (self.decode(x0) if self.decode is not None else x0).clamp(-1, 1)
-
-
-UNCOND_PREFIX = "uncond_"
-
-
-def split_guidance(cond: dict[str, torch.Tensor] | None):
-    """Split a conditioning dict into (UNet kwargs, their unconditional counterparts or None)."""
-    cond = cond or {}
-    kw = {k: v for k, v in cond.items() if not k.startswith(UNCOND_PREFIX)}
-    un = {k[len(UNCOND_PREFIX):]: v for k, v in cond.items() if k.startswith(UNCOND_PREFIX)}
-    if un and set(un) != set(kw):
-        raise BenchError(f"conditioning keys {sorted(cond)} do not pair up: every uncond_<key> needs a <key>")
-    return kw, (un or None)
-
-
-def guided_inputs(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None, guidance: bool = True):
-    """UNet inputs for a batch with classifier-free guidance -> (x, t, kwargs).
-
-    With `uncond_*` keys in `cond` (and guidance=True) the batch is doubled to [uncond; cond], as CompVis' samplers
-    do (`torch.cat([unconditional_conditioning, c])`) and as EDA-DM's reconstruction pairs each calibration sample
-    (eda-dm.md §1 step 6); calibration and reconstruction should call the UNet through this to see what sampling
-    sees. Without uncond keys (or guidance=False) it returns the cond kwargs only, cast to x's device and dtype.
-    """
-    cond_kw, uncond_kw = split_guidance(cond)
-    cast = {k: (v.to(x.device, x.dtype) if v.is_floating_point() else v.to(x.device)) for k, v in cond_kw.items()}
-    if uncond_kw is None or not guidance:
-        return x, t, cast
-    both = {k: torch.cat([uncond_kw[k].to(v.device, v.dtype), v]) for k, v in cast.items()}
-    return torch.cat([x, x]), torch.cat([t, t]), both
 
 
 _REGISTRY: dict[str, Callable[..., DiffusionModel]] = {}

@@ -53,6 +53,11 @@ def _eda(lam: float, radius: float, gamma: float, iters: int, batch: int, lrs: d
                        **{b: {"lr_w": w, "lr_a": a} for b, (w, a) in lrs.items()}}}
 
 
+# Q-Diffusion's LDM and SD scripts initialise ranges with scale_method 'mse' (our L_p search; the DDIM script
+# uses 'max'); the activation settings per command are set in each entry below.
+_QDIFF_LDM = {"w_init": "lp", "a_init": "lp"}
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     """One paper model: where its weights come from, its noise schedule, sampler and evaluation protocol."""
@@ -87,13 +92,17 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
         "lsun-bedroom-ldm4", "latent", ("scaled_linear", 0.0015, 0.0195), SamplerConfig("ddim", 200, 1.0, **_COMPVIS),
         "lsun-bedroom", f"LSUN-Bedroom images in ${ENV_DATA}/lsun-bedroom/train",
         ckpt_url="https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip", metrics=("fid", "sfid"),
-        defaults=_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-4, 1e-4), "W4A8": (1e-2, 5e-3)}, tdac_batch=64)),
+        defaults={**_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-4, 1e-4), "W4A8": (1e-2, 5e-3)}, tdac_batch=64),
+                  # Q-Diffusion's bedroom command: --a_sym --a_min_max, no --split
+                  "qdiffusion": {**_QDIFF_LDM, "a_init": "qdiff-max", "split_shortcut": False}}),
     ZooEntry(
         "lsun-church-ldm8", "latent", ("scaled_linear", 0.0015, 0.0155), SamplerConfig("ddim", 500, 0.0, **_COMPVIS),
         "lsun-church", f"LSUN-Church images in ${ENV_DATA}/lsun-church/train",
         ckpt_url="https://ommer-lab.com/files/latent-diffusion/lsun_churches.zip", metrics=("fid", "sfid"),
         samplers={"qdiffusion": SamplerConfig("ddim", 400, 0.0, **_COMPVIS)},  # Q-Diffusion README: -c 400
-        defaults=_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-2, 1e-4), "W4A8": (5e-2, 1e-4)}, tdac_batch=64)),
+        defaults={**_eda(1.0, 0.3, 1.0, 5000, 32, {"W8A8": (5e-2, 1e-4), "W4A8": (5e-2, 1e-4)}, tdac_batch=64),
+                  # Q-Diffusion's church command: neither --a_sym nor --a_min_max nor --split
+                  "qdiffusion": {**_QDIFF_LDM, "a_symmetric": False, "split_shortcut": False}}),
     ZooEntry(
         "imagenet-ldm4", "class", ("scaled_linear", 0.0015, 0.0195), SamplerConfig("ddim", 20, 0.0, **_COMPVIS),
         "imagenet", f"ImageNet images in ${ENV_DATA}/imagenet/train (50 generated images per class)",
@@ -105,11 +114,13 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
         "(ViT-L/14, bench.clip_score)", reference_split="val2014",
         hub_id="CompVis/stable-diffusion-v1-4", guidance_scale=7.5, n_eval=10_000,
         metrics=("fid", "sfid", "clip"),
-        # softmax output at 16 bits for SD in Q-Diffusion and EDA-DM (--sm_abit 16); Q-Diffusion's SD calibration:
-        # --cali_st 25 --cali_n 128 --cali_batch_size 8 (baselines.md §1.9)
+        # EDA-DM's scripts/for_coco.sh quantizes the softmax output at 8 bits (--sm_abit 8, the method default);
+        # Q-Diffusion's txt2img command at 16 (--sm_abit 16), with --cali_st 25 --cali_n 128 --cali_batch_size 8,
+        # L_p ('mse') ranges and no --a_sym
         defaults={**_eda(5.0, 0.3, 0.8, 1000, 2, {"W8A8": (5e-4, 1e-4), "W4A8": (3e-2, 1e-4)}, n_samples=256,
-                         tdac_batch=8, init_batch=2), "softmax_bits": 16,
-                  "qdiffusion": {"cali_st": 25, "cali_n": 128, "batch_size": 8}},
+                         tdac_batch=8, init_batch=2),
+                  "qdiffusion": {"cali_st": 25, "cali_n": 128, "batch_size": 8, "softmax_bits": 16,
+                                 **_QDIFF_LDM, "a_symmetric": False}},
         note="EDA-DM evaluates 10k images; generated images are center-cropped and resized to 300x300 first"),
 ]}
 

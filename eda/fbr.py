@@ -9,8 +9,9 @@ implementation: `eda.recon` calls `fbr_layers` and `fbr_loss` for every unit, an
 QuantModules (`hooks[:-1]`): a diffusers ResnetBlock2D registers conv1, time_emb_proj, conv2[, conv_shortcut], so
 without a shortcut conv the layer terms are conv1 + time_emb_proj (the paper figure's L_m1 + L_m2) and with one the
 out conv conv2 is included and the shortcut excluded (the official quirk, kept); an Attention registers to_q, to_k,
-to_v, to_out.0, so to_out.0 is excluded (the official AttnBlock: q, k, v, proj_out). A unit with a single quantized
-layer has no layer terms.
+to_v, to_out.0, so to_out.0 is excluded (the official AttnBlock: q, k, v, proj_out); a BasicTransformerBlock is
+ordered as LDM registers it (attn1, ff, attn2), so attn2.to_out.0 is excluded. A unit with a single quantized layer has
+no layer terms.
 
 The channel dim of each layer term follows the official layout (`channel_dim`): the official CIFAR and LSUN attention
 blocks compute q, k, v and the output projection with 1x1 convolutions on [B, C, H, W] (LSUN: conv1d on [B, C, T]),
@@ -36,12 +37,23 @@ def _is_quant_layer(m: nn.Module) -> bool:
     return isinstance(m, QuantLayer)
 
 
+# The official models register a transformer block's sub-modules in another order than diffusers: LDM's
+# `BasicTransformerBlock.__init__` builds attn1, ff, attn2 (then the norms), diffusers norm1, attn1, norm2, attn2,
+# norm3, ff. "The last layer" is taken in the official order, so it is attn2's output projection, not ff.net.2.
+_OFFICIAL_ORDER = {"BasicTransformerBlock": ("attn1", "ff", "attn2")}
+
+
 def fbr_layers(block: nn.Module, is_layer: Callable[[nn.Module], bool] | None = None) -> list[str]:
-    """Names (relative to `block`) of the quantized layers whose outputs enter the FBR layer term."""
+    """Names (relative to `block`) of the quantized layers whose outputs enter the FBR layer term: all but the last
+    in the official model's registration order."""
     is_layer = is_layer or _is_quant_layer
     names = [n for n, m in block.named_modules() if n and is_layer(m)]
     # a QuantLayer nested in another (never in our wrapper) would count once: keep outermost only
     names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    groups = _OFFICIAL_ORDER.get(type(block).__name__)
+    if groups:
+        rank = {g: i for i, g in enumerate(groups)}
+        names = sorted(names, key=lambda n: rank.get(n.split(".")[0], len(groups)))  # stable within a group
     return names[:-1]
 
 

@@ -16,7 +16,7 @@ For each unit in forward order:
 4. rounding is hardened (alpha >= 0) and the deltas frozen.
 
 Loss: "mse" = lp_loss(p=2) on the unit output; "lp" = lp_loss(p); "fbr" = `eda.fbr.fbr_loss`: the output term +
-gamma * lp_loss(p=2) of every inner quantized layer but the last in registration order. The reconstruction uses the
+gamma * lp_loss(p=2) of every inner quantized layer but the last in the official registration order. The reconstruction uses the
 quant state the model is in (weights only, or weights + activations).
 """
 

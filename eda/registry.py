@@ -225,6 +225,7 @@ class PTQMethod(Method):
         m = self.configure(model, bits, overrides)
         t0 = time.perf_counter()
         calib, allocation, extra = m.select(model, trajectories, seed)
+        calib = calib.paired_for_guidance()  # guided models: every sample with both CFG branches
         policy = m.policy(bits)
         qunet = quantize_unet(model.unet, policy)
         stages = m.stages(bits, seed)

@@ -45,6 +45,14 @@ class CalibSet:
         cond = None if self.cond is None else {k: v[idx] for k, v in self.cond.items()}
         return CalibSet(self.xs[idx], self.ts[idx], cond)
 
+    def paired_for_guidance(self) -> CalibSet:
+        """Each sample as an (uncond, cond) pair when the conditioning carries `uncond_*` keys (guided models),
+        else self: guided models calibrate on both branches (eda/guidance.py)."""
+        from eda.guidance import pair_calibration
+
+        xs, ts, cond = pair_calibration(self.xs, self.ts, self.cond)
+        return self if xs is self.xs else CalibSet(xs, ts, cond)
+
     def batches(self, batch_size: int, device: str | torch.device | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]]:
         """(x float32, t, cond) batches in order, moved to `device` if given."""

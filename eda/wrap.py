@@ -306,10 +306,10 @@ def get_quant_state(model: nn.Module) -> tuple[bool, bool]:
 
 
 def unet_kwargs(cond: dict | None) -> dict:
-    # Conditioning of guided models (bench.zoo) also carries `uncond_<key>` tensors for classifier-free guidance;
-    # they are not UNet arguments. This calibrates on the cond branch; EDA-DM pairs [uncond; cond] per sample,
-    # which bench.models.guided_inputs(x, t, cond) builds.
-    from bench.models import split_guidance
+    """The UNet kwargs of a calibration batch. Guided models calibrate on (uncond, cond) pairs made by
+    `CalibSet.paired_for_guidance` (eda/guidance.py), so a batch here holds no `uncond_*` keys; any that remain
+    (a CalibSet used unpaired) are not UNet arguments and are dropped."""
+    from eda.guidance import split_guidance
 
     return split_guidance(cond)[0] if cond else {}
 

@@ -35,6 +35,19 @@ def test_attention_excludes_output_projection(qunet):
     assert fbr_layers(attn) == ["to_q", "to_k", "to_v"]
 
 
+def test_transformer_block_excludes_attn2_output_like_the_official_order(tiny_cond_unet):
+    """LDM registers attn1, ff, attn2: the official 'last layer' of a transformer block is attn2.to_out.0, where
+    diffusers' registration order would end at ff.net.2."""
+    from eda.policy import BitPolicy
+    from eda.wrap import quantize_unet
+
+    q = quantize_unet(tiny_cond_unet, BitPolicy.from_bits("W4A8"))
+    block = q.down_blocks[0].attentions[0].transformer_blocks[0]
+    names = fbr_layers(block)
+    assert "attn2.to_out.0" not in names and "ff.net.2" in names
+    assert names[0].startswith("attn1.") and names[-1].startswith("attn2.")
+
+
 def test_single_layer_unit_has_no_layer_terms(qunet):
     assert fbr_layers(qunet.down_blocks[0].downsamplers[0]) == []
 

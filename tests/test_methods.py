@@ -219,3 +219,39 @@ def test_qdiffusion_learning_rate_schedules_follow_the_official_code():
     assert (a.config.lr_schedule, a.config.lr_a) == ("cosine", 4e-4)
     with pytest.raises(UsageError, match="lr_schedule"):
         ReconConfig(lr_schedule="step")
+
+
+def test_guided_models_calibrate_on_both_guidance_branches(monkeypatch):
+    """EDA-DM (qdiff_control/data_utils.py) and Q-Diffusion (get_train_samples) calibrate every sample with the
+    unconditional and the conditional context; the UNet must see both while the method calibrates."""
+    from diffusers import UNet2DConditionModel
+
+    from eda.guidance import pair_calibration
+    from eda.trajectories import record_trajectories
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model(cond=True, steps=4)
+    base = model.conditioning
+
+    def guided(n, seed):
+        c = base(n, seed)
+        return {**c, "uncond_encoder_hidden_states": torch.zeros_like(c["encoder_hidden_states"])}
+
+    model = replace(model, conditioning=guided, guidance_scale=3.0)
+    traj = record_trajectories(model, 8, seed=1, batch_size=8)
+    seen = []
+    real = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, encoder_hidden_states=None, **kw):
+        seen.append(encoder_hidden_states.detach().flatten(1).abs().sum(1))
+        return real(self, sample, timestep, encoder_hidden_states=encoder_hidden_states, **kw)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    res = get_method("rtn").quantize(model, "W8A8", traj, overrides={"n_samples": 8, "init_batch": 8}, progress=False)
+    ctx = torch.cat(seen)
+    assert (ctx == 0).sum() == (ctx > 0).sum() > 0  # as many unconditional as conditional contexts
+    assert res.info["calib_size"] == 16
+    xs, ts, cond = pair_calibration(torch.arange(3.0)[:, None], torch.arange(3), {"c": torch.ones(3, 1),
+                                                                                 "uncond_c": torch.zeros(3, 1)})
+    assert xs.flatten().tolist() == [0, 0, 1, 1, 2, 2] and cond["c"].flatten().tolist() == [0, 1] * 3
+    assert set(cond) == {"c"}
