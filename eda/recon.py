@@ -86,6 +86,12 @@ def unit_act_quantizers(unit: Unit) -> list[UniformQuantizer]:
     return qs
 
 
+def minibatch(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices of one reconstruction batch, drawn without replacement (`random.sample(range(sz), batch_size)` in
+    EDA-DM's block_recon.py, `torch.randperm(n)[:batch_size]` in Q-Diffusion's)."""
+    return torch.randperm(n, generator=gen)[:batch_size]
+
+
 def attach_adaround(layers: dict[str, QuantLayer]) -> list[AdaRoundQuantizer]:
     """Swap each layer's uniform weight quantizer(s) for AdaRound on the same grid; returns the ones still soft
     (learnable). Units reconstructed earlier keep their hardened rounding."""
@@ -231,8 +237,7 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
     first_loss = None
     try:
         for it in bar:
-            # a batch without replacement (`random.sample` in EDA-DM, `randperm(...)[:batch_size]` in Q-Diffusion)
-            sel = torch.randperm(M, generator=gen)[:cfg.batch_size]
+            sel = minibatch(M, cfg.batch_size, gen)
             args, kwargs = q_in.get(sel, device)
             if cfg.asym and cfg.input_prob < 1.0:
                 # QDrop on the unit input: each element is the quantized one with prob input_prob, else the FP one

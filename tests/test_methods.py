@@ -255,3 +255,17 @@ def test_guided_models_calibrate_on_both_guidance_branches(monkeypatch):
                                                                                  "uncond_c": torch.zeros(3, 1)})
     assert xs.flatten().tolist() == [0, 0, 1, 1, 2, 2] and cond["c"].flatten().tolist() == [0, 1] * 3
     assert set(cond) == {"c"}
+
+
+def test_stable_diffusion_softmax_bits_per_method():
+    """EDA-DM's for_coco.sh: --sm_abit 8; Q-Diffusion's txt2img command: --sm_abit 16, no --a_sym."""
+    import types
+
+    from bench.zoo import ZOO
+
+    sd = types.SimpleNamespace(defaults=ZOO["sd-v1-4"].defaults)
+    assert get_method("eda-dm").configure(sd, "W4A8").softmax_bits == 8
+    q = get_method("qdiffusion").configure(sd, "W4A8")
+    assert (q.softmax_bits, q.a_symmetric, q.split_shortcut, q.cali_st, q.cali_n) == (16, False, True, 25, 128)
+    assert get_method("qdiffusion").configure(types.SimpleNamespace(defaults=ZOO["lsun-bedroom-ldm4"].defaults),
+                                              "W4A8").split_shortcut is False

@@ -77,3 +77,29 @@ def test_nan_names_the_unit(qsetup):
         fp.get_submodule(BLOCK).conv2.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(BenchError, match=BLOCK.replace(".", r"\.")):
         reconstruct(q, fp, calib, ReconConfig(iters=2, batch_size=4, only=(BLOCK,)), progress=False)
+
+
+def test_minibatches_are_drawn_without_replacement():
+    from eda.recon import minibatch
+
+    g = torch.Generator().manual_seed(0)
+    batches = [minibatch(40, 32, g) for _ in range(50)]
+    assert all(len(set(b.tolist())) == 32 and int(b.max()) < 40 for b in batches)
+    assert len(minibatch(5, 32, g)) == 5  # fewer samples than a batch: all of them once
+
+
+def test_units_run_in_forward_order_like_the_official_walk(tiny_unet):
+    """The official recon_model walks the DDIM Model as it computes: the time-embedding linears, conv_in, the down
+    path, the mid block (block_1, attn_1, block_2), the up path, conv_out; diffusers' UNetMidBlock2D registers its
+    attentions before its resnets, so registration order would put the mid attention first."""
+    from eda.policy import BitPolicy
+    from eda.units import reconstruction_units
+    from eda.wrap import quantize_unet
+
+    names = [u.name for u in reconstruction_units(quantize_unet(tiny_unet, BitPolicy.from_bits("W8A8")))]
+    assert names[:3] == ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
+    mid = [n for n in names if n.startswith("mid_block.")]
+    assert mid == ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"]
+    assert names.index(mid[0]) > max(names.index(n) for n in names if n.startswith("down_blocks."))
+    assert names.index(mid[-1]) < min(names.index(n) for n in names if n.startswith("up_blocks."))
+    assert names[-1] == "conv_out"
