@@ -57,7 +57,7 @@ def _safe_globals() -> list:
 
 
 def _safe_load(path: Path) -> Any:
-    """torch.load with weights_only=True (issue 7, 2d): a shared $EDA_BENCH_CACHE may be written by someone else,
+    """torch.load with weights_only=True: a shared $EDA_BENCH_CACHE may be written by someone else,
     so never an unrestricted pickle; only the allowlisted artifact classes are rebuilt."""
     import pickle
 

@@ -1,6 +1,6 @@
 """CLIP score for text-to-image samples (Stable Diffusion on MS-COCO captions), the `sd` extra.
 
-EDA-DM evaluates SD with the clip-score package and ViT-L/14 (eda-dm.md §3): each generated image is center-cropped
+EDA-DM evaluates SD with the clip-score package and ViT-L/14 (`scripts/test.py`): each generated image is center-cropped
 and resized to 300x300, then CLIP-preprocessed, and the score is 100 * cos(image embedding, text embedding)
 averaged over the images (the logit scale of CLIP is 100). Weights come from the local Hugging Face cache
 (`openai/clip-vit-large-patch14`) or a folder given as `model_dir` / `$EDA_BENCH_CLIP`; never the network.

@@ -2,7 +2,7 @@
 
     python -m bench.convert lsun-bedroom-ldm4 models/ldm/lsun_beds256/model.ckpt ~/models/lsun-bedroom-ldm4
 
-No diffusers release of the LDM-4 bedroom, LDM-8 church or cin256-v2 checkpoints exists (ecosystem.md §3), so we
+No diffusers release of the LDM-4 bedroom, LDM-8 church or cin256-v2 checkpoints exists, so we
 map the keys ourselves: CompVis `openaimodel.UNetModel` -> `UNet2DModel` (AttentionBlock) or `UNet2DConditionModel`
 (SpatialTransformer), taming VQ-f4 / KL-f8 autoencoders -> `VQModel` / `AutoencoderKL`, `ClassEmbedder` ->
 `class_embedder/embedding.safetensors`. Architectures come from the models' official `config.yaml` (PRESETS).

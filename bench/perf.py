@@ -1,4 +1,4 @@
-"""`python -m bench.perf`: the performance figures of issue 7, each a ratio of two timings taken side by side in one
+"""`python -m bench.perf`: the performance figures, each a ratio of two timings taken side by side in one
 run (never an absolute time compared with a number from another day or machine).
 
     python -m bench.perf                      # every figure, writes results/perf.md and results/perf/perf.parquet
@@ -7,7 +7,7 @@ run (never an absolute time compared with a number from another day or machine).
 Figures (keys for --only):
 - recon     (a) one reconstruction iteration with FP targets cached once (ours) vs the official scheme, which runs
                 three unit forwards per iteration (quantized, FP for the targets, quantized again for the inner-layer
-                outputs; eda-dm.md §2), per unit kind, FBR loss, on digits-ddpm and the DDIM CIFAR-10 UNet (random
+                outputs; EDA-DM `qdiff/block_recon.py`), per unit kind, FBR loss, on digits-ddpm and the DDIM CIFAR-10 UNet (random
                 weights);
 - sampling  (b) sampling with the fake-quantized UNet vs FP, same model and batch, W8A8 and W4A8 (target <= 1.3x),
                 with the implementation before the inference fast path (eda.quantizer.FUSED_INFERENCE,
@@ -420,7 +420,7 @@ def fig_ray(args) -> list[dict]:
 # (e) EDA-DM W4A8 on the CIFAR-10 UNet at the official budget, extrapolated
 
 def fig_cifar(args) -> list[dict]:
-    """Pieces measured on CPU and scaled to the official script (eda-dm.md §1-2): trajectories of N = 1024 samples
+    """Pieces measured on CPU and scaled to the official script (`scripts/for_cifar.sh`): trajectories of N = 1024 samples
     x 100 DDIM steps (FP), activation ranges over the 1024 calibration samples, then per unit: input collection
     (a quantized and an FP pass over the calibration set up to the unit, bounded by a whole UNet pass each) and
     5000 iterations at batch 32 (each unit's iteration timed at a small batch and scaled linearly)."""

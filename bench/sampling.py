@@ -2,7 +2,7 @@
 
 The CIFAR-10 papers (DDIM, Q-Diffusion, EDA-DM) sample with the DDIM repository's `generalized_steps`: 100 steps,
 eta 0 and *quadratic* time-step spacing. diffusers' DDIMScheduler assumes even spacing and cannot produce the quad
-sequence (ecosystem.md §3), so the loop lives here. Calibration records trajectories through the same loop that
+sequence, so the loop lives here. Calibration records trajectories through the same loop that
 evaluation samples with, so what is calibrated is exactly what is evaluated.
 
 `eps_fn(x_t, t) -> eps` hides the network: an unconditional UNet, a class-conditional one, or classifier-free

@@ -1,6 +1,6 @@
 """Results store: one Parquet file per finished cell in a hive-partitioned dataset runs/grid=/model=/method=/.
 
-Writes are atomic (ecosystem.md §2.1): a dotfile temp name in the partition directory, then `os.replace`; dataset
+Writes are atomic (pyarrow dataset discovery skips '.'/'_' files): a dotfile temp name in the partition directory, then `os.replace`; dataset
 discovery ignores '.'/'_' prefixes, so a half-written file is never read. Files are immutable; a rerun of a cell adds
 a file and readers keep the latest row per cell key. The schema is explicit and typed, and reads pass an explicit hive
 partitioning so partition keys come back as strings, not categoricals.

@@ -1,7 +1,7 @@
 """Ray execution: one `CellWorker` actor per GPU (or GPU fraction) or per CPU slot, each holding one loaded FP
 model, fed by a driver loop that prefers giving an actor cells of the model it already holds.
 
-Fault tolerance (ecosystem.md §2): the actor restarts itself after a crash (max_restarts); calls are never retried
+Fault tolerance: the actor restarts itself after a crash (max_restarts); calls are never retried
 by Ray (max_task_retries=0) because the call that killed an actor usually kills it again, so the driver re-queues the
 cell itself, at most `retries` times, then records it as failed. A cell that raises inside the actor is caught there
 and returned as a failed row. The driver is the only writer of the store (one Parquet file per cell, as results
@@ -35,7 +35,7 @@ class CellWorker:
     def __init__(self, threads: int, imports: list[str]):
         import torch
 
-        # Ray sets OMP_NUM_THREADS to num_cpus but a reused worker may keep 1 thread: set it explicitly (§2).
+        # Ray sets OMP_NUM_THREADS to num_cpus but a reused worker may keep 1 thread: set it explicitly.
         torch.set_num_threads(max(int(threads), 1))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         for mod in imports:

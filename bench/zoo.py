@@ -1,4 +1,4 @@
-"""The papers' models (EDA-DM §3, Q-Diffusion README): registered by name, loaded offline, sampled as the official
+"""The papers' models (EDA-DM Sec. 5 and its scripts, Q-Diffusion README): registered by name, loaded offline, sampled as the official
 scripts sample them.
 
 | name | weights | sampler (official script) | reference data |
@@ -38,14 +38,14 @@ ENV_MODELS = "EDA_BENCH_MODELS"  # root folder holding <name>/ model folders (co
 ENV_DATA = "EDA_BENCH_DATA"  # reference images: $EDA_BENCH_DATA/<dataset>/<split>/ (bench.metrics.data_dir)
 ENV_CAPTIONS = "EDA_BENCH_COCO_CAPTIONS"  # captions_val2014.json (or a .txt with one prompt per line)
 
-# CompVis samplers: uniform steps + 1 and alpha_bar_0 before the first step (ecosystem.md §3).
+# CompVis samplers: uniform steps + 1 and alpha_bar_0 before the first step, as CompVis' ddim.py / plms.py.
 _COMPVIS = dict(skip="uniform", offset=1, set_alpha_to_one=False)
 
 
 def _eda(lam: float, radius: float, gamma: float, iters: int, batch: int, lrs: dict[str, tuple[float, float]],
          n_samples: int = 1024, tdac_batch: int | None = None, init_batch: int = 32) -> dict[str, Any]:
     """`DiffusionModel.defaults` in the layout eda.registry reads: the "eda-dm" block applies to EDA-DM (and its
-    ablations), its bit-width blocks at that width only (eda-dm.md §1 table and §2: lamda, dense_r, add_loss,
+    ablations), its bit-width blocks at that width only (`scripts/for_*.sh`: lamda, dense_r, add_loss,
     iters, batch, lr_w / lr_a; TDAC uses the features of the first batch_samples trajectories; activation-range
     init batch 256 CIFAR, 32 LSUN / ImageNet, 2 SD)."""
     return {"eda-dm": {"lam": lam, "radius": radius, "gamma": gamma, "iters": iters, "batch_size": batch,

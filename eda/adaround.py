@@ -3,7 +3,7 @@
 Rectified sigmoid h(alpha) = clamp(sigmoid(alpha) (zeta - gamma) + gamma, 0, 1) with zeta = 1.1, gamma = -0.1;
 alpha is initialised so that h(alpha) equals the fractional part of w / delta, i.e. the soft weight starts at the
 FP weight (clipped to the grid). Delta and zero point come from the range-initialised `UniformQuantizer` and are not
-learned (eda-dm.md §2). The optional regulariser sum(1 - |2h - 1|^b) with b annealed 20 -> 2 after a warm-up is
+learned (`qdiff/adaptive_rounding.py::AdaRoundQuantizer`). The optional regulariser sum(1 - |2h - 1|^b) with b annealed 20 -> 2 after a warm-up is
 what BRECQ/Q-Diffusion use; EDA-DM disables it (loss_mode='none'). After the unit, `harden()` fixes
 rounding up where alpha >= 0.
 """

@@ -1,7 +1,6 @@
 """EDA-DM (arXiv 2401.04585) as released: TDAC calibration + FBR block reconstruction, and its two ablations.
 
-Defaults are the official CIFAR-10 script (`scripts/for_cifar.sh`, `sample_diffusion_ddim.py` kwargs; eda-dm.md
-§1-2); the digits model uses them too, and `model.defaults` carries other settings (LSUN: r 0.3, ...):
+Defaults are the official CIFAR-10 script (`scripts/for_cifar.sh`, `sample_diffusion_ddim.py` kwargs); the digits model uses them too, and `model.defaults` carries other settings (LSUN: r 0.3, ...):
 - TDAC: N = 1024 trajectories, one sample each; features = input of the mid attention; lambda 1.2, r 3.0.
 - FBR: gamma 0.8 (`--add_loss`), 5000 iterations per block/layer, batch 32, QDrop p = 0.5 on activations and on the
   block input (`prob`, `input_prob`), AdaRound *without* its regulariser (`loss_mode='none'`), LSQ activation step
@@ -34,7 +33,7 @@ from bench.errors import UsageError
 from eda.fbr import FBR_GAMMA
 from eda.registry import PTQMethod, Stage, register_method
 
-# Official CIFAR-10 learning rates by bit width (eda-dm.md §2 table): (lr_w, lr_a).
+# Official CIFAR-10 learning rates by bit width (`scripts/for_cifar.sh`): (lr_w, lr_a).
 LR_TABLE = {"W8A8": (5e-2, 1e-3), "W4A8": (5e-1, 5e-4)}
 
 

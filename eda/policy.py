@@ -42,7 +42,7 @@ class BitPolicy:
 
     w_bits: int
     a_bits: int
-    softmax_bits: int = 8  # Q-Diffusion `sm_abit` default; SD W*A8 uses 16 (baselines.md §1.7)
+    softmax_bits: int = 8  # Q-Diffusion `sm_abit` default; SD W*A8 uses 16 (`--sm_abit`; EDA-DM's for_coco.sh keeps 8)
     # Which weight layers stay at 8 bit (QDrop's `set_first_last_layer_to_8bit`, used by EDA-DM and PTQ4DM):
     # "official": the first and last weight quantizers in the official models' registration order, i.e. the
     #   time-embedding MLP's first Linear (registered before conv_in there) and conv_out;

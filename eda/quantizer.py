@@ -32,7 +32,7 @@ from eda.policy import check_bits
 
 LP_P = 2.4
 LP_MAX_ELEMS = 1 << 14
-EMA_MOMENTUM = 0.9  # EDA-DM: running = 0.9 * running + 0.1 * new over calibration batches (eda-dm.md §2)
+EMA_MOMENTUM = 0.9  # EDA-DM: running = 0.9 * running + 0.1 * new over calibration batches (`UniformAffineQuantizer.update_quantize_range`)
 # Sampling and evaluation run without autograd; there fake-quantization runs in place, in half the passes over the
 # tensor (bit-identical results). Off = the autograd formula everywhere.
 FUSED_INFERENCE = True
@@ -143,7 +143,7 @@ class UniformQuantizer(nn.Module):
 
     States: `enabled` (off = identity), `calibrating` (observe the input, update the range by EMA), `qdrop_prob`
     with `training_qdrop` (QDrop: each element keeps its FP value with that probability). `learn_delta()` turns the
-    step size into a trainable parameter (LSQ-style, zero point fixed, no gradient scaling; baselines.md §1.5).
+    step size into a trainable parameter (LSQ-style, zero point fixed, no gradient scaling, as `block_reconstruction`'s act_quant branch).
     """
 
     def __init__(self, n_bits: int, symmetric: bool = True, channel_wise: bool = False, unsigned: bool = False,
@@ -246,7 +246,7 @@ class UniformQuantizer(nn.Module):
             self.init_from(x)
         xq = self.fake_quant(x)
         if self.training_qdrop and self.qdrop_prob > 0:
-            # QDrop: with probability p an element keeps its full-precision value (eda-dm.md §2, prob=0.5).
+            # QDrop: with probability p an element keeps its full-precision value (`UniformAffineQuantizer(prob=0.5)`).
             xq = torch.where(torch.rand_like(x) < self.qdrop_prob, x, xq)
         return xq
 

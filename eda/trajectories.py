@@ -2,7 +2,7 @@
 
 `record_trajectories` runs the same sampler that evaluation uses (bench.sampling through DiffusionModel.generate)
 with hooks and records, per step, the x_t fed to the UNet, t, the per-sample conditioning and the input (or output)
-of any named module (TDAC needs the input of the middle attention at every step, eda-dm.md §1). Everything stays on
+of any named module (TDAC needs the input of the middle attention at every step, `scripts/calibration.py`). Everything stays on
 CPU (optionally float16) and is spilled to numpy memmaps on disk above `max_bytes`, so one recording serves every
 method and bit width. `CalibSet` is what range init and reconstruction consume.
 """

@@ -1,4 +1,4 @@
-"""Reconstruction units of a wrapped diffusers UNet, in forward order (eda-dm.md §2 "Granularity").
+"""Reconstruction units of a wrapped diffusers UNet, in forward order (EDA-DM `qdiff/recon_block_Qmodel.py::recon_model`).
 
 Blocks: each ResnetBlock2D ("resnet"), each BasicTransformerBlock ("transformer"; conditional UNets), each Attention
 not inside a transformer block ("attention"; UNet2DModel). Every QuantLayer outside those blocks is its own "layer"

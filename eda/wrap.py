@@ -4,8 +4,8 @@
   quantizer; the original module is kept and called unchanged in FP mode).
 - Every diffusers `Attention` gets a `QuantAttnProcessor` through its own `set_processor` extension point: Q and K
   are quantized before QK^T, the softmax output (unsigned, `softmax_bits`) and V before probs x V
-  (baselines.md §1.7). UNet2DModel has no `set_attn_processor`, so we walk the modules.
-- Shortcut splitting (Q-Diffusion `--split`, baselines.md §1.6): decoder resnets see cat([h, skip]); their 1x1
+  (Q-Diffusion `qdiff/quant_block.py::QuantAttnBlock`, EDA-DM likewise). UNet2DModel has no `set_attn_processor`, so we walk the modules.
+- Shortcut splitting (Q-Diffusion `--split`, `qdiff/quant_layer.py::QuantModule.forward`): decoder resnets see cat([h, skip]); their 1x1
   `conv_shortcut` (and `conv1` with `split_conv1`) get one weight and one activation quantizer per channel group.
   The split point is h's channel count, derived from the up-block structure (`concat_splits`).
 """

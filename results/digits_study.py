@@ -1,4 +1,4 @@
-"""Render the digits methods study (issue 4, item 6) from the results store.
+"""Render the digits methods study from the results store.
 
     python -m bench.run --grid digits          # the 57 cells (results/runs/grid=digits, resumable)
     python results/digits_study.py             # -> results/digits-study.md, results/digits-study.parquet,

@@ -1,4 +1,4 @@
-"""One Ray cluster for the whole test run (ecosystem.md §2: ~4 s to start): import `ray_session` in a test module."""
+"""One Ray cluster for the whole test run (ray.init takes ~4 s on this CPU): import `ray_session` in a test module."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Catalogue of bad inputs (issue 7, item 2b) and safe loading (2d): each bad input ends in ONE line on stderr,
+"""Catalogue of bad inputs and safe loading: each bad input ends in ONE line on stderr,
 `error: ...`, no traceback, exit 2 for usage errors and 1 for other errors.
 
 Most cases call the CLIs' `main(argv)` in-process (they are wrapped with `bench.errors.cli_main`, which prints the

@@ -1,4 +1,4 @@
-"""Determinism on CPU (issue 7, item 2c): the same inputs and seed give bit-identical results, run twice.
+"""Determinism on CPU: the same inputs and seed give bit-identical results, run twice.
 
 tests/test_methods.py::test_quantize_is_seeded already checks eda-dm with min-max ranges; here the methods with
 every source of randomness switched on (L_p range search, AdaRound, QDrop, NDTC sampling, TDAC), sampling from a

@@ -1,4 +1,4 @@
-"""Fault injection for the harness (issue 7, 2a): a driver killed mid-grid, a cell out of memory, a full disk, the
+"""Fault injection for the harness: a driver killed mid-grid, a cell out of memory, a full disk, the
 Ray dashboard port, reference data missing before sampling.
 
 A worker process killed by the OS (segfault, the kernel's OOM killer: the actor dies mid-cell) is covered by

@@ -135,7 +135,7 @@ def test_paper_models_are_registered():
     assert ZOO["lsun-church-ldm8"].sampler.steps == 500 and ZOO["lsun-church-ldm8"].samplers["qdiffusion"].steps == 400
     assert ZOO["imagenet-ldm4"].guidance_scale == 3.0 and ZOO["sd-v1-4"].guidance_scale == 7.5
     assert ZOO["sd-v1-4"].sampler.kind == "plms" and ZOO["sd-v1-4"].sampler.steps == 50
-    # CompVis DDIM: uniform + 1 -> 996..1 for 200 steps (ecosystem.md §3)
+    # CompVis DDIM: uniform + 1 -> 996..1 for 200 steps (CompVis `make_ddim_timesteps`)
     seq = timesteps(ZOO["lsun-bedroom-ldm4"].sampler)
     assert seq[0] == 1 and seq[-1] == 996 and len(seq) == 200
 
@@ -227,7 +227,7 @@ def test_sd_prompts_come_from_the_captions_file(isolated):
 
 def test_compvis_samplers_match_diffusers_schedulers():
     """Our PLMS / CompVis DDIM loop equals diffusers' PNDM (skip_prk_steps) / DDIM with steps_offset=1,
-    set_alpha_to_one=False (the settings that reproduce CompVis' samplers, ecosystem.md §3)."""
+    set_alpha_to_one=False (the settings that reproduce CompVis' samplers, as CompVis' ddim.py / plms.py)."""
     from diffusers import DDIMScheduler, PNDMScheduler
 
     g = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ Per model: parameter counts (UNet, autoencoder, conditioning encoder), the time 
 call for one sample: a batch of 2 for classifier-free guidance) in FP and with W8A8 fake quantization
 (eda.wrap.quantize_unet), and a reconstruction-cost estimate per unit. eda.recon is not used: one proxy iteration
 (an FP forward of the unit, two fake-quant forwards, one backward; EDA-DM's FBR runs 3 forwards per iteration,
-eda-dm.md §2) is timed at batch 1 on the unit's real input for a few units of each kind, and extrapolated to the
+EDA-DM qdiff/block_recon.py) is timed at batch 1 on the unit's real input for a few units of each kind, and extrapolated to the
 official budget as iters x batch x t_iter (linear in batch, an approximation). Step times run without autograd, as
 sampling does. Timings are single runs (no warm-up unless --warmup) on a shared machine, reported as CPU and wall
 seconds; treat them as orders of magnitude.
@@ -193,7 +193,7 @@ def measure(name: str, warmup: bool) -> dict:
     res["official"] = {"iters": d["iters"], "batch_size": d["batch_size"], "steps": entry.sampler.steps,
                        "sampler": entry.sampler.describe(), "n_eval": entry.n_eval}
     per_iter_total = sum(res["units"][k] * res["unit_iter_s"].get(k, 0.0) for k in res["units"])
-    # CFG models reconstruct on [uncond; cond] pairs: twice the batch (eda-dm.md §1 step 6).
+    # CFG models reconstruct on [uncond; cond] pairs: twice the batch (EDA-DM qdiff_control/data_utils.py).
     res["recon_estimate_s"] = per_iter_total * d["iters"] * d["batch_size"] * res["unet_batch_per_step"]
     res["total_seconds"] = time.perf_counter() - t0
     res["loadavg"], res["cpus"] = os.getloadavg()[0], os.cpu_count()
