@@ -143,9 +143,9 @@ class PTQ4DM(PTQMethod):
 
         if self.official_scripts:
             return []
-        cfg = ReconConfig(iters=self.scaled(self.iters), batch_size=self.batch_size, lr_w=self.lr_w, lr_a=self.lr_a,
+        cfg = ReconConfig(iters=self.budget_iters(self.iters), batch_size=self.batch_size, lr_w=self.lr_w, lr_a=self.lr_a,
                           loss="mse", qdrop_prob=self.qdrop_prob, input_prob=self.input_prob,
                           adaround_reg=self.adaround_reg, b_range=(20, 2), warmup=0.2, learn_weights=True,
                           learn_act_delta=True, asym=True, seed=seed, granularity=self.granularity,
-                          lr_schedule="cosine_acts")
+                          lr_schedule="cosine_acts", budget=self.budget)
         return [Stage("qdrop", cfg, weights=True, acts=True)]

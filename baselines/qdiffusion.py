@@ -88,12 +88,12 @@ class QDiffusion(PTQMethod):
     def stages(self, bits: str, seed: int) -> list[Stage]:
         from eda.recon import ReconConfig
 
-        w = ReconConfig(iters=self.scaled(self.iters), batch_size=self.batch_size, lr_w=self.lr_w, lr_a=0.0,
+        w = ReconConfig(iters=self.budget_iters(self.iters), batch_size=self.batch_size, lr_w=self.lr_w, lr_a=0.0,
                         loss="mse", qdrop_prob=0.0, input_prob=1.0, adaround_reg=self.adaround_reg, b_range=(20, 2),
                         warmup=self.warmup, learn_weights=True, learn_act_delta=False, asym=True, seed=seed,
-                        lr_schedule="constant")
-        a = ReconConfig(iters=self.scaled(self.iters_a), batch_size=self.batch_size, lr_w=0.0, lr_a=self.lr_a,
+                        lr_schedule="constant", budget=self.budget)
+        a = ReconConfig(iters=self.budget_iters(self.iters_a), batch_size=self.batch_size, lr_w=0.0, lr_a=self.lr_a,
                         loss="lp", p=self.p, qdrop_prob=0.0, input_prob=1.0, adaround_reg=None,
-                        learn_weights=False, learn_act_delta=True, asym=False, seed=seed)
+                        learn_weights=False, learn_act_delta=True, asym=False, seed=seed, budget=self.budget)
         return [Stage("weights", w, weights=True, acts=False),
                 Stage("activations", a, weights=True, acts=True, init_acts=True)]

@@ -118,8 +118,8 @@ class EDADM(PTQMethod):
     def stages(self, bits: str, seed: int) -> list[Stage]:
         from eda.recon import ReconConfig
 
-        cfg = ReconConfig(iters=self.scaled(self.iters), batch_size=self.batch_size, lr_w=self.lr_w, lr_a=self.lr_a,
+        cfg = ReconConfig(iters=self.budget_iters(self.iters), batch_size=self.batch_size, lr_w=self.lr_w, lr_a=self.lr_a,
                           loss=self.loss, gamma=self.gamma if self.loss == "fbr" else 0.0,
                           qdrop_prob=self.qdrop_prob, input_prob=self.input_prob, adaround_reg=None,
-                          learn_weights=True, learn_act_delta=True, asym=True, seed=seed)
+                          learn_weights=True, learn_act_delta=True, asym=True, seed=seed, budget=self.budget)
         return [Stage(self.loss, cfg, weights=True, acts=True)]

@@ -32,6 +32,7 @@ from torch import nn
 from bench.errors import BenchError, UsageError
 from eda.adaround import AdaRoundQuantizer, annealed_b
 from eda.capture import collect_inputs, first_output
+from eda.convergence import plateaued, summarize, window_size
 from eda.fbr import capture_outputs, channel_dim, fbr_layers, fbr_loss
 from eda.quantizer import UniformQuantizer, lp_loss
 from eda.trajectories import CalibSet
@@ -67,12 +68,17 @@ class ReconConfig:
     collect_batch_size: int = 64
     max_loss_ratio: float = 1e4  # loss above ratio x the first iteration's loss counts as divergence
     eval_mse: bool = True  # report each unit's deterministic output MSE before and after
+    # "fraction": run `iters`; "converged": stop a unit once its loss curve has plateaued (eda.convergence), with
+    # `iters` as the cap
+    budget: str = "fraction"
 
     def __post_init__(self):
         if self.loss not in ("mse", "fbr", "lp"):
             raise UsageError(f"reconstruction loss must be mse, fbr or lp, got {self.loss!r}")
         if self.lr_schedule not in ("cosine", "constant", "cosine_acts"):
             raise UsageError(f"lr_schedule must be cosine, constant or cosine_acts, got {self.lr_schedule!r}")
+        if self.budget not in ("fraction", "converged"):
+            raise UsageError(f"budget must be fraction or converged, got {self.budget!r}")
         if self.iters < 0 or self.batch_size < 1:
             raise UsageError(f"need iters >= 0 and batch_size >= 1, got {self.iters} and {self.batch_size}")
 
@@ -111,7 +117,8 @@ def attach_adaround(layers: dict[str, QuantLayer]) -> list[AdaRoundQuantizer]:
 def reconstruct(qmodel: nn.Module, fp_unet: nn.Module, calib: CalibSet, cfg: ReconConfig | None = None,
                 progress: bool = True) -> dict:
     """Reconstruct every unit of `qmodel` in forward order against `fp_unet`; returns a report
-    {seconds, units: {name: {kind, losses, seconds, mse_before, mse_after}}}."""
+    {seconds, units: {name: {kind, losses (every iteration), loss (eda.convergence.summarize), layer_terms,
+    terms_first, seconds, mse_before, mse_after}}}."""
     cfg = cfg or ReconConfig()
     device = next(qmodel.parameters()).device
     w_on, a_on = get_quant_state(qmodel)
@@ -229,6 +236,7 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
     for q in q_act:
         q.qdrop_prob, q.training_qdrop = cfg.qdrop_prob, True
 
+    window = window_size(iters)
     bar = range(iters)
     if progress:
         from tqdm.auto import tqdm
@@ -271,12 +279,17 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
                 o.step()
             for s in scheds:
                 s.step()
+            done = it + 1
+            if cfg.budget == "converged" and done % window == 0 and done * 10 >= iters \
+                    and plateaued(res["losses"], window):
+                break
     finally:
         for q in ada:
             q.harden()  # hard rounding after the unit (alpha >= 0)
         for q in q_act:
             q.learn_delta(False)
             q.training_qdrop = False
+    res["loss"] = summarize(res["losses"], iters)
     if cfg.eval_mse:
         res["mse_after"] = eval_mse()
         if not math.isfinite(res["mse_after"]):

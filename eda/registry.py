@@ -167,6 +167,9 @@ class PTQMethod(Method):
     quantize_attention: bool = True
     quantize_output_input: bool = False  # official EDA-DM/PTQ4DM: input of the network's output conv stays FP
     init_batch: int = 256  # batch of the activation range initialisation (CIFAR scripts: 256)
+    # "fraction": every reconstruction runs iters_scale x its official iteration count; "converged": up to the
+    # official count, each unit stopping once its loss has plateaued (eda.convergence)
+    budget: str = "fraction"
     init_samples: int | None = None  # calibration samples (seeded random subset) for range init; None = all
 
     POLICY_KNOBS = ("first_last_8bit", "split_shortcut", "w_symmetric", "a_symmetric", "w_init", "a_init",
@@ -180,6 +183,13 @@ class PTQMethod(Method):
             raise UsageError(f"init_batch must be >= 1, got {self.init_batch}")
         if self.init_samples is not None and self.init_samples < 1:
             raise UsageError(f"init_samples must be >= 1 or none, got {self.init_samples}")
+        if self.budget not in ("fraction", "converged"):
+            raise UsageError(f"budget must be 'fraction' or 'converged', got {self.budget!r}")
+
+    def budget_iters(self, official: int) -> int:
+        """Iterations of a reconstruction whose official count is `official`: scaled by iters_scale under
+        budget="fraction", the official count as the cap under budget="converged"."""
+        return self.scaled(official) if self.budget == "fraction" else official
 
     def policy(self, bits: str):
         from eda.policy import BitPolicy
@@ -243,9 +253,23 @@ class PTQMethod(Method):
         info = {
             "method": self.name, "bits": policy.describe(), "calib_size": int(calib.xs.shape[0]),
             "allocation": allocation, "quant_seconds": time.perf_counter() - t0, "config": m.knobs(),
-            "policy": dataclasses.asdict(policy), "recon": reports, "seed": seed, **extra,
+            "policy": dataclasses.asdict(policy), "recon": [_compact(r) for r in reports],
+            "convergence": convergence(reports), "seed": seed, **extra,
         }
         return QuantResult(qunet, info)
+
+
+def _compact(report: dict) -> dict:
+    """A stage report for the result row: each unit's loss summary instead of its every-iteration losses."""
+    units = {n: {k: v for k, v in r.items() if k != "losses"} for n, r in report.get("units", {}).items()}
+    return {**report, "units": units}
+
+
+def convergence(reports: list[dict]) -> dict:
+    """How many reconstructed units (over every stage) ended on a plateau (eda.convergence's rule)."""
+    units = [r for rep in reports for r in rep.get("units", {}).values() if r.get("loss", {}).get("iters")]
+    bad = sum(not r["loss"]["plateaued"] for r in units)
+    return {"units": len(units), "unconverged": bad, "unconverged_fraction": bad / len(units) if units else 0.0}
 
 
 # ---- registry ------------------------------------------------------------------------------------------------------
