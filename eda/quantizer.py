@@ -36,6 +36,9 @@ EMA_MOMENTUM = 0.9  # EDA-DM: running = 0.9 * running + 0.1 * new over calibrati
 # Sampling and evaluation run without autograd; there fake-quantization runs in place, in half the passes over the
 # tensor (bit-identical results). Off = the autograd formula everywhere.
 FUSED_INFERENCE = True
+# Reconstruction (with autograd): per-tensor activation quantizers use `_LSQFakeQuant`, the same values and gradients
+# in fewer passes. Off = autograd of the formula.
+FUSED_TRAINING = True
 # Opt-in (EDA_BENCH_COMPILE_FAKEQUANT=1): the inference path as one torch.compile'd elementwise kernel, a single pass
 # over the tensor (C++ on CPU, Triton on GPU). Costs a one-off compilation (~35 s on a 2-core CPU) per process, so it
 # pays off for long sampling runs; `python -m bench.perf --only sampling` measures it side by side.
@@ -52,6 +55,47 @@ def _compiled_kernel():
     if _COMPILED is None:
         _COMPILED = torch.compile(_fq_kernel, dynamic=True)
     return _COMPILED
+
+
+class _LSQFakeQuant(torch.autograd.Function):
+    """The training path of a per-tensor quantizer: clamp(round(x / d), lo, hi) * d with the straight-through
+    estimator on round, LSQ's gradient for the step size d (zero point fixed, no gradient scaling) and QDrop's
+    per-element FP keep mask, in fewer and cheaper tensor passes than autograd of the formula (masks as float
+    multipliers: torch.where and masked_fill are several times slower than a multiply on CPU). Same values; gradients
+    equal up to float summation order (tests/test_quantizer.py). With s = x / d and c = clamp(round(s), lo, hi):
+    dx = g where lo < c < hi or the FP value is kept, else 0; dd = sum g * (c - s) strictly inside, g * c at or
+    beyond the bounds, 0 where kept: what autograd of `(clamp(round_ste(x / d) + z, 0, 2^b - 1) - z) * d` gives
+    (torch.clamp passes no gradient at its bounds).
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, lo: float, hi: float, keep):
+        d = delta.detach().clamp_min(1e-8)
+        s = x / d
+        c = torch.round(s).clamp_(lo, hi)
+        y = c * d
+        if keep is not None:
+            y = torch.lerp(y, x, keep)  # keep is 1.0 where the FP value is kept, else 0.0
+        ctx.save_for_backward(s, c, keep, delta)
+        ctx.bounds = (lo, hi)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        s, c, keep, delta = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        inside = c.sub(lo).mul_(c.sub(hi).neg_()).gt_(0.0)  # 1.0 strictly inside (lo, hi), else 0.0
+        gx = gd = None
+        if ctx.needs_input_grad[0]:
+            gx = g * (inside if keep is None else torch.maximum(inside, keep))
+        if ctx.needs_input_grad[1]:
+            per = c.sub_(s.mul_(inside))  # c - s inside, c outside (the saved tensors are not needed again)
+            if keep is not None:
+                per.mul_(1.0 - keep)
+            gd = torch.dot(g.reshape(-1), per.reshape(-1)).reshape(delta.shape)
+            if float(delta) <= 1e-8:  # clamp_min(1e-8) passes no gradient below the floor
+                gd = torch.zeros_like(delta)
+        return gx, gd, None, None, None
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -210,12 +254,18 @@ class UniformQuantizer(nn.Module):
         delta = self.delta.detach().clamp_min(1e-8)
         return torch.clamp((x / delta).round() + self.zero_point, 0, self.n_levels - 1)
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant(self, x: torch.Tensor, keep_fp: torch.Tensor | None = None) -> torch.Tensor:
+        """x_hat; where `keep_fp` (a 0/1 float mask) is 1 the FP value is kept instead (QDrop)."""
         if FUSED_INFERENCE and not torch.is_grad_enabled() and x.dtype == torch.float32:
-            return self._fake_quant_fused(x)
-        delta = self.delta.clamp_min(1e-8)
-        q = torch.clamp(round_ste(x / delta) + self.zero_point, 0, self.n_levels - 1)
-        return (q - self.zero_point) * delta
+            xq = self._fake_quant_fused(x)
+        elif FUSED_TRAINING and self.zero_point.dim() == 0 and self.delta.dim() == 0 and x.dtype == torch.float32:
+            z = float(self.zero_point)
+            return _LSQFakeQuant.apply(x, self.delta, -z, (self.n_levels - 1) - z, keep_fp)
+        else:
+            delta = self.delta.clamp_min(1e-8)
+            q = torch.clamp(round_ste(x / delta) + self.zero_point, 0, self.n_levels - 1)
+            xq = (q - self.zero_point) * delta
+        return xq if keep_fp is None else torch.where(keep_fp.bool(), x, xq)
 
     def _fake_quant_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Inference path (no autograd): four in-place passes instead of eight allocating ones.
@@ -244,11 +294,11 @@ class UniformQuantizer(nn.Module):
             self.observe(x)
         elif not self.initialized:
             self.init_from(x)
-        xq = self.fake_quant(x)
+        keep_fp = None
         if self.training_qdrop and self.qdrop_prob > 0:
             # QDrop: with probability p an element keeps its full-precision value (`UniformAffineQuantizer(prob=0.5)`).
-            xq = torch.where(torch.rand_like(x) < self.qdrop_prob, x, xq)
-        return xq
+            keep_fp = torch.rand_like(x).lt_(self.qdrop_prob)  # 1.0 where the FP value is kept
+        return self.fake_quant(x, keep_fp)
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.channel_wise else "per-tensor"

@@ -282,3 +282,40 @@ def test_qdiff_max_matches_qdiffusion(symmetric):
         xi = torch.round(x[c] / delta) + (0 if symmetric else zp)
         expect = (torch.clamp(xi, lo, hi) - (0 if symmetric else zp)) * delta
         assert torch.allclose(deq[c], expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("bits,zp", [(8, 128.0), (4, 0.0), (3, 4.0)])
+def test_fused_training_path_matches_autograd_of_the_formula(bits, zp, drop, monkeypatch):
+    """LSQ step-size gradient, STE input gradient and QDrop mask: the fused Function equals autograd of
+    `(clamp(round_ste(x / d) + z, 0, 2^b - 1) - z) * d` (values bit for bit, gradients to float rounding)."""
+    import eda.quantizer as qm
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4, 6, 5, 5, generator=g) * 3
+    grad_out = torch.randn(4, 6, 5, 5, generator=g)
+    keep = (torch.rand(4, 6, 5, 5, generator=g) < 0.5).float() if drop else None
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(qm, "FUSED_TRAINING", fused)
+        q = UniformQuantizer(bits, symmetric=True, init="minmax")
+        q.set_range(torch.tensor(-2.0), torch.tensor(2.0), x)
+        q.zero_point = torch.tensor(zp)
+        q.learn_delta(True)
+        xi = x.clone().requires_grad_(True)
+        y = q.fake_quant(xi, keep)
+        (y * grad_out).sum().backward()
+        results.append((y.detach(), xi.grad, q.delta.grad))
+    (y1, gx1, gd1), (y2, gx2, gd2) = results
+    assert torch.equal(y1, y2)
+    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=0)  # autograd computes g * d / d
+    assert (gx1 == 0).any() and (gx1 != 0).any()  # some elements clipped, some inside
+    d = 4.0 / (2**bits - 1)
+    r = torch.round(x / d)
+    inside = (r > -zp) & (r < 2**bits - 1 - zp)  # strictly: torch.clamp passes no gradient at its bounds
+    c = r.clamp(-zp, 2**bits - 1 - zp)
+    per = torch.where(inside, c - x / d, c)
+    if keep is not None:
+        per = per.masked_fill(keep.bool(), 0.0)
+    assert torch.allclose(gd1, (grad_out * per).sum(), rtol=1e-5, atol=1e-4)  # LSQ's step-size gradient
+    assert torch.allclose(gd1, gd2, rtol=1e-5, atol=1e-4)
