@@ -438,3 +438,25 @@ def n_kernels(int_unet: nn.Module) -> dict[str, int]:
     n_fp = sum(1 for m in int_unet.modules() if isinstance(m, IntLayer) for a in m.parts if not isinstance(a, ActQDQ))
     n_attn = sum(1 for m in int_unet.modules() if isinstance(m, IntAttnProcessor))
     return {"int8_ops": n_int, "fp_input_ops": n_fp, "attention": n_attn, "ops": n_int + n_fp}
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, backend: str = "x86") -> dict:
+    """A saved quantized model (eda.checkpoint) -> an integer export in out_dir; returns a summary."""
+    from eda.checkpoint import load_quantized
+
+    require_backend(backend)
+    qmodel, meta = load_quantized(checkpoint_dir)
+    int_unet = integer_unet(qmodel)
+    save_integer(int_unet, out_dir, backend, {**meta, "source_checkpoint": str(Path(checkpoint_dir).resolve())})
+    sizes = {p.name: p.stat().st_size for p in Path(out_dir).iterdir() if p.is_file()}
+    return {"backend": backend, "out": str(out_dir), "model": meta.get("model"), "method": meta.get("method"),
+            "bits": meta.get("bits"), **n_kernels(int_unet), "bytes": sum(sizes.values())}
+
+
+def load_for_backend(directory: str | Path, backend: str | None = None,
+                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """An integer export ready to run: (callable UNet, config); `backend` overrides the one it was exported for."""
+    unet, cfg = load_integer(directory)
+    backend = backend or cfg["backend"]
+    require_backend(backend, device)
+    return compile_for(unet, backend), {**cfg, "backend": backend}
