@@ -22,6 +22,7 @@ import torch
 from bench.artifacts import ArtifactCache, model_fingerprint
 from bench.errors import BenchError
 from bench.grid import FP_METHOD, Cell
+from bench.int8_cell import INT8_METRICS, int8_metrics
 from bench.sampling import SamplerConfig
 from bench.seeds import calib_seed, eps_seed, sample_seed
 from bench.store import DISK_FULL, METRICS, empty_row
@@ -162,7 +163,7 @@ def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
 
 
 VS_FP = ("fid_vs_fp", "digits_fid_vs_fp")  # harness-level metric names: distances to the FP samples (same seed)
-HARNESS_METRICS = (*VS_FP, "clip")  # computed here rather than by bench.metrics.evaluate
+HARNESS_METRICS = (*VS_FP, "clip", *INT8_METRICS)  # computed here rather than by bench.metrics.evaluate
 
 
 def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str, float]:
@@ -289,6 +290,7 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row["eps_mse_per_step"] = per_step
         row["eps_mse"] = float(sum(per_step) / len(per_step))
         log.info("noise-prediction MSE vs FP: %.4g", row["eps_mse"])
+        row.update(int8_metrics(model, qunet, cell, device, log))  # integer-kernel latency (bench/int8_cell.py)
     if cell.method == FP_METHOD:
         row["eps_mse"] = 0.0
     t = time.time()

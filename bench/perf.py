@@ -15,6 +15,8 @@ Figures (keys for --only):
 - artifacts (c) a small grid run with shared FP artifacts (samples, trajectories, Inception features) vs the same
                 cells recomputing them per cell (target >= 2x), in-process so Ray start-up is not in it;
 - ray       (d) the same cells through `python -m bench.run` with 1, 2, ... workers (efficiency = speed-up / workers);
+- int8      (f) integer inference (eda.integer) vs FP32 and fake-quant: integer backends on one layer, one UNet call
+                at batch 1/8/64 and a sampling run on digits-ddpm and the CIFAR-10 UNet (bench/perf_int8.py);
 - cifar     (e) EDA-DM W4A8 quantization time on the DDIM CIFAR-10 UNet at the official budget (N = 1024 calibration
                 samples, 5000 iterations x batch 32 per unit), extrapolated from measured pieces (target: <= 20 min on
                 one H100; only a GPU run can check it).
@@ -42,7 +44,7 @@ import torch
 
 from bench.errors import UsageError, cli_main
 
-FIGURES = ("recon", "sampling", "artifacts", "ray", "cifar")
+FIGURES = ("recon", "sampling", "artifacts", "ray", "cifar", "int8")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -493,7 +495,9 @@ TITLES = {"recon": "(a) Reconstruction iteration: cached FP targets vs the offic
           "sampling": "(b) Sampling: fake-quantized vs FP (target: at most 1.3x)",
           "artifacts": "(c) Shared FP artifacts vs recomputing them per cell (target: at least 2x)",
           "ray": "(d) Ray scaling",
-          "cifar": "(e) EDA-DM W4A8 on the CIFAR-10 UNet at the official budget (extrapolated)"}
+          "cifar": "(e) EDA-DM W4A8 on the CIFAR-10 UNet at the official budget (extrapolated)",
+          "int8": "(f) Integer inference: W8A8 on int8 kernels vs FP32 and fake-quant (target: >= 1.5x FP32, CIFAR-10 "
+                  "UNet call at batch 8)"}
 
 
 def render(df, env: dict) -> str:
@@ -523,6 +527,16 @@ def render(df, env: dict) -> str:
             eff = [json.loads(d)["efficiency"] for d in part.details]
             lines += ["", "Efficiency (speed-up / workers): " + ", ".join(
                 f"{json.loads(d)['workers']} workers {e:.2f}" for d, e in zip(part.details, eff))]
+        if fig == "int8":
+            d = [json.loads(x) for x in part.details]
+            call = next((x for x in d if x.get("part") == "unet call"), {})
+            lines += ["", f"Threads: {sorted({x.get('threads') for x in d})}. UNet rows: backend "
+                      f"{call.get('backend')}, W8A8 with {call.get('ranges')} ranges, {call.get('int8_ops')} of "
+                      f"{call.get('ops')} conv/linear on int8 kernels (the rest take an FP input), "
+                      f"{call.get('asym_layers')} with the weight zero-point decomposition, {call.get('attention')} "
+                      "attention blocks (q/k/v/softmax quantized, bmm in FP32). Layer rows: max error relative to "
+                      "the exact integer result in `details`; ONNX Runtime and x86-inductor rows appear only where "
+                      "`pip install -e '.[int8]'` installed them."]
         if fig == "cifar":
             d = json.loads(part.details.iloc[0])
             lines += ["", "Pieces (hours on this machine): " + ", ".join(
@@ -552,8 +566,10 @@ def main(argv=None):
     print(f"bench.perf on {env['device']}, {env['threads']} thread(s), commit {env['git_commit'][:12]}", flush=True)
     out = Path(args.out)
     rows: list[dict] = []
+    from bench.perf_int8 import fig_int8
+
     fns = {"recon": fig_recon, "sampling": fig_sampling, "artifacts": fig_artifacts, "ray": fig_ray,
-           "cifar": fig_cifar}
+           "cifar": fig_cifar, "int8": fig_int8}
     for f in figs:
         print(f"[{f}] {TITLES[f]}", flush=True)
         rows += fns[f](args)

@@ -23,8 +23,8 @@ from bench.store import METRICS, read_runs, runs_dir
 LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "kid": "KID", "precision": "Prec", "recall": "Rec",
           "digits_fid": "dFID", "digits_coverage": "dCov", "digits_confidence": "dConf", "fid_vs_fp": "FID-FP",
           "digits_fid_vs_fp": "dFID-FP",
-          "clip": "CLIP", "eps_mse": "MSE(eps)"}
-HIGHER_IS_BETTER = {"is", "precision", "recall", "digits_coverage", "digits_confidence", "clip"}
+          "clip": "CLIP", "eps_mse": "MSE(eps)", "int8_latency_ms": "int8 ms", "int8_speedup": "int8 speed-up"}
+HIGHER_IS_BETTER = {"is", "precision", "recall", "digits_coverage", "digits_confidence", "clip", "int8_speedup"}
 
 
 def lower_is_better(metric: str) -> bool:
@@ -217,8 +217,35 @@ def plots(df: pd.DataFrame, agg: pd.DataFrame, grid: str, methods: list[str], me
             axes[-1, 0].set_xlabel("sampling step (0 = noisiest)")
             fig.suptitle(f"{model}: calibration samples per step", fontsize=9)
             made += _save(fig, pdir / f"{stem}-allocation")
+        made += _speed_figure(a, quant, settings, pdir / f"{stem}-quality-vs-int8-speedup")
         made += _sample_figure(d, methods, settings, store_root, pdir / f"{stem}-samples")
     return made
+
+
+def _speed_figure(a: pd.DataFrame, quant, settings, path: Path) -> list[Path]:
+    """Quality (FID, else digits-FID) against the integer-kernel speed-up over FP, one point per method x bit width
+    (mean over seeds, 95% CI bars): the quality/speed trade-off (bench/int8_cell.py)."""
+    import matplotlib.pyplot as plt
+
+    quality = next((m for m in ("fid", "digits_fid") if len(a[(a["metric"] == m) & a["mean"].notna()])), None)
+    sp = a[(a["metric"] == "int8_speedup") & a["mean"].notna()]
+    if quality is None or sp.empty:
+        return []
+    q = a[a["metric"] == quality].set_index(["method", "bits"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    markers = dict(zip(settings, "os^vD<>p"))
+    for meth in quant:
+        for r in sp[sp["method"] == meth].itertuples():
+            if (meth, r.bits) in q.index:
+                qq = q.loc[(meth, r.bits)]
+                ax.errorbar(r.mean, qq["mean"], xerr=0 if np.isnan(r.half) else r.half,
+                            yerr=0 if np.isnan(qq["half"]) else qq["half"], marker=markers.get(r.bits, "o"),
+                            capsize=3, ls="none", label=f"{meth} {r.bits}")
+    ax.axvline(1.0, color="k", ls="--", lw=1)
+    ax.set(xlabel="integer-kernel speed-up over FP32 (one UNet call)", ylabel=f"{LABELS[quality]} (lower is better)",
+           title=f"{LABELS[quality]} vs int8 speed-up")
+    ax.legend(fontsize=6)
+    return _save(fig, path)
 
 
 def _sample_figure(d: pd.DataFrame, methods, settings, store_root: Path, path: Path) -> list[Path]:

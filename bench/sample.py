@@ -4,7 +4,8 @@
     python -m bench.sample --model digits-ddpm --n 64 --out fp.png
 
 A directory written by `python -m bench.quantize` is loaded with `eda.checkpoint.load_quantized` and sampled with
-its FP model's sampler (the model named in its metadata); anything else goes through `bench.models.load_model`.
+its FP model's sampler (the model named in its metadata); one written by `python -m bench.export` runs on integer
+kernels (eda.integer, CPU); anything else goes through `bench.models.load_model`.
 The same seed gives the same initial noise for FP and quantized models, so grids compare sample by sample.
 """
 
@@ -22,8 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="a quantized model directory (bench.quantize --out), a registered model name, or a diffusers "
-                        "directory")
+                   help="a quantized model directory (bench.quantize --out), an integer export (bench.export --out), "
+                        "a registered model name, or a diffusers directory")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output PNG path for the grid")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -53,7 +54,18 @@ def load_for_sampling(name_or_dir: str, device: str = "cpu", seed: int | None = 
     With `seed`, a quantized model calibrated on that very noise seed is refused (its samples would start from its
     own calibration trajectories' x_T, bench/seeds.py)."""
     from bench.models import load_model
+    from eda.integer import is_integer_dir
 
+    if is_integer_dir(name_or_dir):  # bench.export: runs on integer kernels (CPU)
+        from eda.integer import load_for_backend
+
+        unet, cfg = load_for_backend(name_or_dir, device=device)
+        meta = cfg["meta"]
+        if not meta.get("model"):
+            raise UsageError(f"{name_or_dir} has no 'model' in its metadata; export it again with python -m bench.export")
+        model = load_model(meta["model"], device=device)
+        return model, unet, (f"{meta.get('method', '?')} {meta.get('bits', '?')} of {model.name} on integer kernels "
+                             f"({cfg['backend']})")
     if is_quantized_dir(name_or_dir):
         from eda.checkpoint import load_quantized
 

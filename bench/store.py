@@ -27,7 +27,7 @@ from bench.errors import BenchError
 
 # Metrics of bench.metrics.evaluate plus the harness's own noise-prediction error; NaN when not computed.
 METRICS = ("fid", "sfid", "is", "kid", "precision", "recall", "digits_fid", "digits_coverage", "digits_confidence",
-           "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse")
+           "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse", "int8_latency_ms", "int8_speedup")
 PARTITIONS = ("grid", "model", "method")
 TEMP_PREFIX = ".tmp-"  # in-progress writes (Parquet rows, sample-grid PNGs); dataset discovery skips dotfiles
 STALE_TEMP_SECONDS = 600  # one row is written in milliseconds: an older temp was left by a killed writer
