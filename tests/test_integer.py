@@ -197,6 +197,7 @@ def test_cli_export_sample_and_errors(model_dir, tmp_path, capsys):
     assert sample.main(["--model", str(tmp_path / "int"), "--n", "4", "--steps", "2", "--out",
                         str(tmp_path / "g.png"), "--quiet"]) == 0
     assert (tmp_path / "g.png").is_file()
+    assert "on integer kernels" in capsys.readouterr().err
     loaded, _ = load_quantized(tmp_path / "q")
     for argv, msg in (([str(tmp_path / "nothing"), "--out", str(tmp_path / "x")], "is not a quantized checkpoint"),
                       ([str(tmp_path / "q"), "--out", str(tmp_path / "x"), "--backend", "tpu"], "unknown backend")):
