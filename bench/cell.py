@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import resource
 import time
@@ -76,7 +77,7 @@ def calibration_union(model, requests: list[tuple[str, dict]]) -> tuple[int, lis
 def trajectory_spec(model, fp: str, cell: Cell, requests) -> dict:
     n, feats = calibration_union(model, requests)
     return {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(), "seed": cell.seed,
-            "n": n, "features": feats}
+            "n": n, "features": feats, "batch_size": cell.batch_size}  # batch size changes float rounding
 
 
 def shared_trajectories(model, fp: str, cell: Cell, cache: ArtifactCache, requests, device: str):
@@ -114,7 +115,7 @@ def _eps_on_trajectory(model, unet, traj, batch_size: int, device: str, k: int) 
 
 def fp_samples(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) -> dict:
     spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(), "seed": cell.seed,
-            "n": cell.samples}
+            "n": cell.samples, "batch_size": cell.batch_size}
 
     def compute():
         t = time.time()
@@ -134,6 +135,17 @@ def eps_mse_per_step(model, qunet, traj, batch_size: int, device: str, k: int = 
     e_q = _eps_on_trajectory(model, qunet, traj, batch_size, device, k)
     S, n = traj.xs.shape[0], min(k, traj.xs.shape[1])
     return ((e_q - fp_eps) ** 2).flatten(1).mean(1).view(S, n).mean(1).tolist()
+
+
+def cpu_kernels() -> str:
+    """Which CPU code paths torch takes here: the ATen vector ISA, oneDNN on/off, and ISA caps set in the
+    environment. Recorded with every row because other kernels round differently (results/noise.md)."""
+    parts = [torch.backends.cpu.get_cpu_capability()]
+    if not torch.backends.mkldnn.enabled:
+        parts.append("oneDNN off")
+    parts += [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+              if os.environ.get(k)]
+    return "; ".join(parts)
 
 
 def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
@@ -211,9 +223,11 @@ def peak_memory_mb(device: str) -> float:
 def base_row(cell: Cell, context: dict) -> dict:
     row = empty_row()
     row.update(grid=cell.grid, model=cell.model, method=cell.method, bits=cell.bits, w_bits=cell.w_bits,
-               a_bits=cell.a_bits, seed=cell.seed, samples=cell.samples, cell_key=cell.key,
+               a_bits=cell.a_bits, seed=cell.seed, samples=cell.samples, batch_size=cell.batch_size,
+               cell_key=cell.key,
                overrides=json.dumps(cell.overrides, sort_keys=True), run_id=context.get("run_id"),
-               git_commit=context.get("git_commit"), host=platform.node(),
+               git_commit=context.get("git_commit"), host=platform.node(), threads=torch.get_num_threads(),
+               cpu_kernels=cpu_kernels(),
                versions=json.dumps(package_versions(), sort_keys=True), attempts=1)
     row["time"] = _now()
     return row

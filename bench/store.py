@@ -48,6 +48,7 @@ FILE_SCHEMA = pa.schema(
         ("a_bits", pa.int32()),
         ("seed", pa.int32()),
         ("samples", pa.int32()),
+        ("batch_size", pa.int32()),  # sampling / evaluation batch: results move with it at float-noise level
         ("calib_size", pa.int32()),
         *[(m, pa.float64()) for m in METRICS],
         ("eps_mse_per_step", pa.list_(pa.float64())),
@@ -58,6 +59,10 @@ FILE_SCHEMA = pa.schema(
         ("total_seconds", pa.float64()),
         ("peak_memory_mb", pa.float64()),
         ("device", pa.string()),
+        # float details that change results without being settings (README "Grids, results and the regression
+        # check"): torch threads of the worker, and the CPU kernels it ran (ISA, oneDNN on/off, ISA caps from env)
+        ("threads", pa.int32()),
+        ("cpu_kernels", pa.string()),
         ("host", pa.string()),
         ("versions", pa.string()),  # JSON {package: version}
         ("status", pa.string()),  # "ok" | "failed"
