@@ -23,7 +23,7 @@ from bench.store import METRICS, read_runs, runs_dir
 LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "kid": "KID", "precision": "Prec", "recall": "Rec",
           "digits_fid": "dFID", "digits_coverage": "dCov", "digits_confidence": "dConf", "fid_vs_fp": "FID-FP",
           "digits_fid_vs_fp": "dFID-FP",
-          "clip": "CLIP", "eps_mse": "MSE(eps)"}
+          "clip": "CLIP", "eps_mse": "MSE(eps)", "mse_vs_fp": "MSE-FP"}
 HIGHER_IS_BETTER = {"is", "precision", "recall", "digits_coverage", "digits_confidence", "clip"}
 
 

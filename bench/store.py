@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 
 from bench.errors import BenchError
 
-# Metrics of bench.metrics.evaluate plus the harness's own noise-prediction error; NaN when not computed.
+# Metrics of bench.metrics.evaluate plus the harness's own paired errors against FP (bench.cell): eps_mse, the
+# noise-prediction error on FP trajectories, and mse_vs_fp, the per-sample error of the final samples against the FP
+# samples from the same initial noise. NaN when not computed.
 METRICS = ("fid", "sfid", "is", "kid", "precision", "recall", "digits_fid", "digits_coverage", "digits_confidence",
-           "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse")
+           "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse", "mse_vs_fp")
 PARTITIONS = ("grid", "model", "method")
 TEMP_PREFIX = ".tmp-"  # in-progress writes (Parquet rows, sample-grid PNGs); dataset discovery skips dotfiles
 STALE_TEMP_SECONDS = 600  # one row is written in milliseconds: an older temp was left by a killed writer

@@ -1,5 +1,7 @@
-"""bench.cell: the per-step noise-prediction error reuses the shared FP half and equals the direct computation."""
+"""bench.cell: the per-step noise-prediction error reuses the shared FP half and equals the direct computation; the
+paired per-sample error against FP (mse_vs_fp)."""
 
+import pytest
 import torch
 
 from bench.artifacts import ArtifactCache, model_fingerprint
@@ -54,3 +56,20 @@ def test_reference_split_comes_from_the_model_card(tmp_path, monkeypatch):
     require_reference(card, cell)
     # a model without a card split uses the default (train here), which has an image
     require_reference(types.SimpleNamespace(dataset="coco", defaults={}), cell)
+
+
+def test_mse_vs_fp_is_a_paired_geometric_mean():
+    from bench.cell import mse_vs_fp
+
+    g = torch.Generator().manual_seed(0)
+    fp = torch.rand(32, 1, 8, 8, generator=g) * 2 - 1
+    err = torch.randn(32, 1, 8, 8, generator=g) * 0.05
+    assert mse_vs_fp(fp, fp) == 0.0
+    v = mse_vs_fp(fp + err, fp)
+    per = (err ** 2).flatten(1).mean(1)
+    assert v == pytest.approx(float(per.log().mean().exp()), rel=1e-5) and v < float(per.mean())
+    assert mse_vs_fp(fp + 2 * err, fp) == pytest.approx(4 * v, rel=1e-5)  # every sample worse: by its factor
+    one_bad = err.clone()
+    one_bad[0] *= 10  # one diverged trajectory out of 32: x100 on its own error
+    assert mse_vs_fp(fp + one_bad, fp) == pytest.approx(v * 100 ** (1 / 32), rel=1e-4)
+    assert mse_vs_fp(fp + err, fp.roll(1, 0)) > 10 * v  # paired: against another sample's FP image it is large

@@ -166,7 +166,7 @@ def test_cell_twice_identical_metrics(tmp_path):
     a, b = rows
     assert a["status"] == b["status"] == "ok", (a.get("error"), b.get("error"))
     assert a["digits_fid_vs_fp"] == b["digits_fid_vs_fp"] and a["digits_fid_vs_fp"] > 0
-    assert a["eps_mse"] == b["eps_mse"]
+    assert a["mse_vs_fp"] == b["mse_vs_fp"] and a["mse_vs_fp"] > 0 and a["eps_mse"] == b["eps_mse"]
     assert a["calib_size"] == b["calib_size"] and a["allocation"] == b["allocation"]
     # what changes results without being a setting is recorded with the row
     assert a["threads"] == torch.get_num_threads() == 1 and a["batch_size"] == 8 and a["cpu_kernels"]
