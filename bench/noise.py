@@ -294,10 +294,21 @@ def environment(argv: list[str]) -> dict:
     from bench.run import git_commit
 
     return {"command": "python -m bench.noise " + " ".join(shlex.quote(a) for a in argv),
-            "device": f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores, kernels "
-                      f"{cpu_kernels()}" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "device": f"CPU ({cpu_name()}), {os.cpu_count()} cores, kernels {cpu_kernels()}"
+                      if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "versions": package_versions(), "git_commit": git_commit(),
             "time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "load_average": os.getloadavg()[0]}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _g(x: float, digits: int = 3) -> str:

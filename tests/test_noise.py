@@ -104,3 +104,16 @@ def test_end_to_end_tiny_grid(tmp_path):
         spreads(rows).set_index(["metric", "method"]).loc[("mse_vs_fp", "test-ok"), "float_max_abs"])
     (out / "noise.md").unlink()
     assert main(["--render-only", "--out", str(out)]) == 0 and (out / "noise.md").read_text() == page
+
+
+def test_a_variant_that_did_not_reach_the_workers_is_an_error():
+    """An env variable that never reached the Ray workers would measure nothing and look like perfect stability."""
+    from bench.errors import BenchError
+    from bench.noise import _check_applied
+
+    rows = synthetic()
+    _check_applied(Variant(BASE), rows)
+    with pytest.raises(BenchError, match="did not take effect.*AVX2"):
+        _check_applied(parse_variant("isa=avx2"), rows)
+    with pytest.raises(BenchError, match="threads"):
+        _check_applied(parse_variant("threads=2"), rows)
