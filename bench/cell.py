@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import resource
 import time
@@ -79,7 +80,8 @@ def trajectory_spec(model, fp: str, cell: Cell, requests) -> dict:
     """Calibration trajectories: from the cell's calibration noise stream (bench.seeds), never the sampling one."""
     n, feats = calibration_union(model, requests)
     return {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
-            "seed": calib_seed(cell.seed), "n": n, "features": feats}
+            "seed": calib_seed(cell.seed), "n": n, "features": feats,
+            "batch_size": cell.batch_size}  # batch size changes float rounding
 
 
 def shared_trajectories(model, fp: str, cell: Cell, cache: ArtifactCache, requests, device: str):
@@ -94,7 +96,7 @@ def shared_trajectories(model, fp: str, cell: Cell, cache: ArtifactCache, reques
 def eps_trajectory_spec(model, fp: str, cell: Cell, k: int = EPS_MSE_SAMPLES) -> dict:
     """Held-out FP trajectories for the per-step error: their own noise stream, which no method calibrates on."""
     return {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
-            "seed": eps_seed(cell.seed), "n": k}
+            "seed": eps_seed(cell.seed), "n": k, "batch_size": cell.batch_size}
 
 
 def shared_eps_trajectories(model, fp: str, cell: Cell, cache: ArtifactCache, device: str,
@@ -132,7 +134,7 @@ def _eps_on_trajectory(model, unet, traj, batch_size: int, device: str, k: int) 
 
 def fp_samples(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) -> dict:
     spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
-            "seed": sample_seed(cell.seed), "n": cell.samples}
+            "seed": sample_seed(cell.seed), "n": cell.samples, "batch_size": cell.batch_size}
 
     def compute():
         t = time.time()
@@ -153,6 +155,35 @@ def eps_mse_per_step(model, qunet, traj, batch_size: int, device: str, k: int = 
     e_q = _eps_on_trajectory(model, qunet, traj, batch_size, device, k)
     S, n = traj.xs.shape[0], min(k, traj.xs.shape[1])
     return ((e_q - fp_eps) ** 2).flatten(1).mean(1).view(S, n).mean(1).tolist()
+
+
+MSE_FLOOR = 1e-8  # per-sample MSE floor before the log: far below any quantized sample's (~1e-5 and up on digits)
+
+
+def mse_vs_fp(images: torch.Tensor, fp_images: torch.Tensor) -> float:
+    """Per-sample squared error against the FP image drawn from the same initial noise (both in [-1, 1]), averaged
+    over samples as a geometric mean: exp(mean_i log MSE_i), i.e. the mean PSNR against FP in another unit.
+
+    Paired sample by sample, so it measures fidelity to FP without the sampling noise of a distribution distance.
+    The geometric mean, because float noise (another CPU, batch size or thread count) makes the odd sample's
+    trajectory diverge, and an arithmetic mean is dominated by those few worst samples: for EDA-DM W4A8 on digits
+    (128 samples), batch 32 instead of 64 moved the arithmetic mean by 6.2% and the geometric mean by 0.8%.
+    A change that affects every sample moves it by its factor; 0 when the images are the FP images."""
+    per = ((images.float() - fp_images.float()) ** 2).flatten(1).mean(1)
+    if not per.any():
+        return 0.0
+    return float(per.clamp_min(MSE_FLOOR).log().mean().exp())
+
+
+def cpu_kernels() -> str:
+    """Which CPU code paths torch takes here: the ATen vector ISA, oneDNN on/off, and ISA caps set in the
+    environment. Recorded with every row because other kernels round differently (results/noise.md)."""
+    parts = [torch.backends.cpu.get_cpu_capability()]
+    if not torch.backends.mkldnn.enabled:
+        parts.append("oneDNN off")
+    parts += [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+              if os.environ.get(k)]
+    return "; ".join(parts)
 
 
 def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
@@ -232,9 +263,11 @@ def base_row(cell: Cell, context: dict) -> dict:
     row = empty_row()
     row.update(grid=cell.grid, model=cell.model, method=cell.method, bits=cell.bits, w_bits=cell.w_bits,
                a_bits=cell.a_bits, seed=cell.seed, sample_seed=sample_seed(cell.seed), samples=cell.samples,
+               batch_size=cell.batch_size,
                cell_key=cell.key,
                overrides=json.dumps(cell.overrides, sort_keys=True), run_id=context.get("run_id"),
-               git_commit=context.get("git_commit"), host=platform.node(),
+               git_commit=context.get("git_commit"), host=platform.node(), threads=torch.get_num_threads(),
+               cpu_kernels=cpu_kernels(),
                versions=json.dumps(package_versions(), sort_keys=True), attempts=1)
     row["time"] = _now()
     return row
@@ -293,6 +326,7 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row.update(int8_metrics(model, qunet, cell, device, log))  # integer-kernel latency (bench/int8_cell.py)
     if cell.method == FP_METHOD:
         row["eps_mse"] = 0.0
+    row["mse_vs_fp"] = mse_vs_fp(images, fp_images)  # 0 for the FP cell: its images are the FP samples
     t = time.time()
     if cell.metrics:
         scores = evaluate_cell(images, fp_images, model, cell, device)

@@ -71,8 +71,7 @@ class Cell:
     def key(self) -> str:
         """Content hash of everything that changes the result (not the grid name): resume and check match on it."""
         d = asdict(self)
-        d.pop("grid")
-        d.pop("batch_size")  # sampling is batch-size independent for a seed (bench.sampling.sample)
+        d.pop("grid")  # batch_size stays: it changes results at float-noise level (tests/test_determinism.py)
         blob = json.dumps(d, sort_keys=True, default=list)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -195,8 +194,10 @@ def _check_keys(path: Path, where: str, d: dict) -> None:
 
 def apply_overrides(grid: Grid, samples: int | None = None, seeds: list[int] | None = None,
                     methods: list[str] | None = None, bits: list[str] | None = None,
-                    models: list[str] | None = None, sets: dict[str, Any] | None = None) -> Grid:
-    """Command-line overrides (--samples, --seeds, --methods, --bits, --models, --set) applied to every block."""
+                    models: list[str] | None = None, sets: dict[str, Any] | None = None,
+                    batch_size: int | None = None) -> Grid:
+    """Command-line overrides (--samples, --seeds, --methods, --bits, --models, --set, --batch-size) applied to every
+    block."""
     if models:
         unknown = [m for m in models if m not in grid.model_names()]
         if unknown:
@@ -218,5 +219,7 @@ def apply_overrides(grid: Grid, samples: int | None = None, seeds: list[int] | N
             b["methods"] = methods
         if bits is not None:
             b["bits"] = bits
+        if batch_size is not None:
+            b["batch_size"] = batch_size
         blocks.append(b)
     return replace(grid, models=blocks, cli_overrides={**grid.cli_overrides, **(sets or {})})

@@ -14,6 +14,7 @@ dataset, split, extractor and resolution.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import math
 import os
@@ -220,8 +221,21 @@ def _stats_key(dataset: str, split: str, extractor: str, res: int, reference_dir
 
 def reference_stats(dataset: str, split: str, res: int, extractor: str = "fid-helper", device="cpu",
                     reference_dir=None, batch_size: int = 64, progress: bool = True) -> dict[str, np.ndarray]:
-    """mu/sigma of pool and spatial features plus the pool feature matrix (KID, precision/recall), cached on disk."""
+    """mu/sigma of pool and spatial features plus the pool feature matrix (KID, precision/recall), cached on disk.
+    A file lock makes a second process (the other Ray worker of a grid) wait for the first instead of computing the
+    same statistics again (about 2 CPU-minutes for the digits test split)."""
     path = cache_dir() / "stats" / f"{_stats_key(dataset, split, extractor, res, reference_dir)}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.stem}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _reference_stats(path, dataset, split, res, extractor, device, reference_dir, batch_size, progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _reference_stats(path: Path, dataset: str, split: str, res: int, extractor: str, device, reference_dir,
+                     batch_size: int, progress: bool) -> dict[str, np.ndarray]:
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:

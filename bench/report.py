@@ -23,7 +23,8 @@ from bench.store import METRICS, read_runs, runs_dir
 LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "kid": "KID", "precision": "Prec", "recall": "Rec",
           "digits_fid": "dFID", "digits_coverage": "dCov", "digits_confidence": "dConf", "fid_vs_fp": "FID-FP",
           "digits_fid_vs_fp": "dFID-FP",
-          "clip": "CLIP", "eps_mse": "MSE(eps)", "int8_latency_ms": "int8 ms", "int8_speedup": "int8 speed-up"}
+          "clip": "CLIP", "eps_mse": "MSE(eps)", "mse_vs_fp": "MSE-FP", "int8_latency_ms": "int8 ms",
+          "int8_speedup": "int8 speed-up"}
 HIGHER_IS_BETTER = {"is", "precision", "recall", "digits_coverage", "digits_confidence", "clip", "int8_speedup"}
 
 

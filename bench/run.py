@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=1,
                    help="times a cell is re-run after its worker crashed (default: 1)")
     p.add_argument("--samples", type=int, default=None, help="override the sample count of every model")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="override the sampling/evaluation batch size of every model (results move at float-noise "
+                        "level with it, so it is part of the cell key; default: the grid's)")
     p.add_argument("--seeds", default=None, help="override the seeds, comma-separated, e.g. 0,1,2")
     p.add_argument("--methods", default=None, help="override the methods, comma-separated, e.g. fp,rtn,eda-dm")
     p.add_argument("--bits", default=None, help="override the bit settings, comma-separated, e.g. W8A8,W4A8")
@@ -73,9 +76,11 @@ def plan(args) -> Grid:
         raise UsageError(f"bad --seeds {args.seeds!r}; expected integers, e.g. --seeds 0,1,2") from None
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be >= 1, got {args.samples}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     return apply_overrides(grid, samples=args.samples, seeds=seeds, methods=_csv(args.methods),
                            bits=[b.upper() for b in _csv(args.bits)] if args.bits else None,
-                           models=_csv(args.models), sets=parse_overrides(args.sets))
+                           models=_csv(args.models), sets=parse_overrides(args.sets), batch_size=args.batch_size)
 
 
 def check_metrics(grid: Grid) -> None:

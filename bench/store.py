@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 
 from bench.errors import BenchError
 
-# Metrics of bench.metrics.evaluate plus the harness's own noise-prediction error; NaN when not computed.
+# Metrics of bench.metrics.evaluate plus the harness's own paired errors against FP (bench.cell): eps_mse, the
+# noise-prediction error on FP trajectories, and mse_vs_fp, the per-sample error of the final samples against the FP
+# samples from the same initial noise. NaN when not computed.
 METRICS = ("fid", "sfid", "is", "kid", "precision", "recall", "digits_fid", "digits_coverage", "digits_confidence",
-           "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse", "int8_latency_ms", "int8_speedup")
+           "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse", "mse_vs_fp", "int8_latency_ms", "int8_speedup")
 PARTITIONS = ("grid", "model", "method")
 TEMP_PREFIX = ".tmp-"  # in-progress writes (Parquet rows, sample-grid PNGs); dataset discovery skips dotfiles
 STALE_TEMP_SECONDS = 600  # one row is written in milliseconds: an older temp was left by a killed writer
@@ -50,6 +52,7 @@ FILE_SCHEMA = pa.schema(
         ("sample_seed", pa.int32()),  # noise seed of the evaluated samples (bench.seeds)
         ("calib_seed", pa.int32()),  # noise seed of the calibration trajectories; null for fp
         ("samples", pa.int32()),
+        ("batch_size", pa.int32()),  # sampling / evaluation batch: results move with it at float-noise level
         ("calib_size", pa.int32()),
         *[(m, pa.float64()) for m in METRICS],
         ("eps_mse_per_step", pa.list_(pa.float64())),
@@ -60,6 +63,10 @@ FILE_SCHEMA = pa.schema(
         ("total_seconds", pa.float64()),
         ("peak_memory_mb", pa.float64()),
         ("device", pa.string()),
+        # float details that change results without being settings (README "Grids, results and the regression
+        # check"): torch threads of the worker, and the CPU kernels it ran (ISA, oneDNN on/off, ISA caps from env)
+        ("threads", pa.int32()),
+        ("cpu_kernels", pa.string()),
         ("host", pa.string()),
         ("versions", pa.string()),  # JSON {package: version}
         ("status", pa.string()),  # "ok" | "failed"

@@ -131,6 +131,45 @@ def test_bad_bits_run(bits, capsys, tmp_path):
     assert code == 2 and bits in line
 
 
+@pytest.mark.parametrize("variants, expect", [
+    ("base,threads=two", "bad variant 'threads=two'"),
+    ("base,isa=neon", "isa=avx2|default"),
+    ("batch=16", "must start with base"),
+])
+def test_bad_noise_variants(variants, expect, capsys, tmp_path):
+    from bench.noise import main
+
+    code, line = call(main, ["--variants", variants, "--out", str(tmp_path)], capsys)
+    assert code == 2 and expect in line
+
+
+def test_noise_render_without_a_measurement(capsys, tmp_path):
+    from bench.noise import main
+
+    code, line = call(main, ["--render-only", "--out", str(tmp_path)], capsys)
+    assert code == 1 and "python -m bench.noise" in line
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--rel-tol", "digits_coverage=0.5"], "bounded in [0, 1]"),
+    (["--rel-tol", "fid=x"], "must be a number"),
+    (["--rel-tol", "0.1", "--rel-tol", "fid=0.2"], "not both"),
+])
+def test_bad_check_tolerances(argv, expect, capsys, tmp_path):
+    import pandas as pd
+
+    from bench.check import main
+    from bench.store import empty_row, write_file, write_row
+
+    r = empty_row()
+    r.update(grid="smoke", model="m", method="fp", bits="FP", seed=0, status="ok", cell_key="k", digits_fid=1.0,
+             digits_coverage=1.0, time=pd.Timestamp.now(tz="UTC"))
+    ref = write_file(pd.DataFrame([r]), tmp_path / "ref.parquet")
+    write_row(tmp_path / "runs", r)
+    code, line = call(main, ["--baseline", str(ref), "--out", str(tmp_path), *argv], capsys)
+    assert code == 2 and expect in line
+
+
 BLOCK = '[[model]]\nname = "digits-ddpm"\nmethods = ["fp"]\nbits = ["W8A8"]\nseeds = [0]\nsamples = 4\n'
 
 

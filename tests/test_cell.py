@@ -1,5 +1,7 @@
-"""bench.cell: the per-step noise-prediction error reuses the shared FP half and equals the direct computation."""
+"""bench.cell: the per-step noise-prediction error reuses the shared FP half and equals the direct computation; the
+paired per-sample error against FP (mse_vs_fp)."""
 
+import pytest
 import torch
 
 from bench.artifacts import ArtifactCache, model_fingerprint
@@ -84,3 +86,20 @@ def test_no_evaluated_sample_starts_from_calibration_or_eps_noise(model_dir, tmp
         for b in flat:
             if a < b:  # no initial noise vector of one stream equals one of another
                 assert not (flat[a][:, None] == flat[b][None]).all(-1).any(), (a, b)
+
+
+def test_mse_vs_fp_is_a_paired_geometric_mean():
+    from bench.cell import mse_vs_fp
+
+    g = torch.Generator().manual_seed(0)
+    fp = torch.rand(32, 1, 8, 8, generator=g) * 2 - 1
+    err = torch.randn(32, 1, 8, 8, generator=g) * 0.05
+    assert mse_vs_fp(fp, fp) == 0.0
+    v = mse_vs_fp(fp + err, fp)
+    per = (err ** 2).flatten(1).mean(1)
+    assert v == pytest.approx(float(per.log().mean().exp()), rel=1e-5) and v < float(per.mean())
+    assert mse_vs_fp(fp + 2 * err, fp) == pytest.approx(4 * v, rel=1e-5)  # every sample worse: by its factor
+    one_bad = err.clone()
+    one_bad[0] *= 10  # one diverged trajectory out of 32: x100 on its own error
+    assert mse_vs_fp(fp + one_bad, fp) == pytest.approx(v * 100 ** (1 / 32), rel=1e-4)
+    assert mse_vs_fp(fp + err, fp.roll(1, 0)) > 10 * v  # paired: against another sample's FP image it is large

@@ -1,9 +1,12 @@
-"""bench.check: a planted regression fails, the unchanged rerun passes, missing or failed cells fail."""
+"""bench.check on synthetic rows: a planted regression fails, the unchanged rerun passes, missing or failed cells
+fail, and each part of the rule (absolute windows for bounded metrics, zero references, pairing by seed, the seed-CI
+term, latest rerun) does what bench/check.py says. tests/test_check_power.py runs it on the real smoke rows."""
 
 import pandas as pd
 import pytest
 
-from bench.check import compare, main
+from bench.check import TOLERANCES, compare, main, tolerances_for, window
+from bench.errors import UsageError
 from bench.store import empty_row, read_runs, write_file, write_row
 
 
@@ -89,3 +92,104 @@ def test_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--baseline", "x", "--abs-tol", "bogus=1"])
     assert e.value.code == 2
+
+
+def test_bounded_metric_gets_no_relative_window(setup):
+    """Coverage is in [0, 1]: one lost class in ten is 0.1 whatever the reference, and a relative window would let a
+    cell at coverage 1.0 lose 2 classes under a 25% rel_tol (issue 13)."""
+    tmp_path, ref = setup
+    ref_df = read_runs(tmp_path / "runs")
+    cur = ref_df.copy()
+    cur["digits_coverage"] -= 0.2
+    bad, _ = compare(ref_df, cur, rel_tol=0.5)  # a single number applies to unbounded metrics only
+    assert set(bad["metric"]) == {"digits_coverage"}
+    with pytest.raises(UsageError, match="bounded"):
+        compare(ref_df, cur, rel_tol={"digits_coverage": 0.5})
+
+
+def test_zero_reference_uses_the_absolute_window():
+    """A metric that is 0 for the FP cell by definition (eps_mse, *_vs_fp) has no relative window there: any change
+    beyond the absolute floor fails, and an unchanged 0 passes."""
+    ref = pd.DataFrame([row("fp", "FP", 0, 1.0)])
+    ref["eps_mse"] = 0.0
+    cur = ref.copy()
+    assert compare(ref, cur)[0].empty
+    cur["eps_mse"] = 10 * window("eps_mse", 0.0)
+    bad, _ = compare(ref, cur)
+    assert list(bad["metric"]) == ["eps_mse"]
+
+
+def test_paired_by_seed_uniform_relative_shift_fails_despite_seed_scatter():
+    """Seeds scatter widely (digits-FID 2, 20, 200) but every seed got 30% worse: per-seed changes in units of their
+    windows do not scatter, so the CI term cannot hide it (a CI of absolute differences would)."""
+    base = [row("eda-dm", "W4A8", s, fid) for s, fid in enumerate((2.0, 20.0, 200.0))]
+    worse = [row("eda-dm", "W4A8", s, 1.3 * fid) for s, fid in enumerate((2.0, 20.0, 200.0))]
+    bad, _ = compare(pd.DataFrame(base), pd.DataFrame(worse), rel_tol=0.1, abs_tol={"digits_fid": 0.0})
+    assert list(bad["metric"]) == ["digits_fid"]
+
+
+def test_seed_ci_absorbs_changes_that_flip_sign_across_seeds():
+    """With >= 2 seeds, a change that is worse on one seed and as much better on others is seed noise: the k x CI
+    term of the rule lets it pass, and k = 0 (no CI term) fails it."""
+    ref = pd.DataFrame([row("rtn", "W4A8", s, 10.0) for s in range(3)])
+    cur = pd.DataFrame([row("rtn", "W4A8", s, v) for s, v in enumerate((16.0, 6.0, 12.0))])
+    tol = {"digits_fid": (1.0, 0.0)}
+    assert compare(ref, cur, tolerances=tol)[0].empty  # mean +1.33 windows, CI 12.4 windows
+    assert list(compare(ref, cur, tolerances=tol, k=0.0)[0]["metric"]) == ["digits_fid"]
+
+
+def test_latest_rerun_per_cell_is_compared(setup):
+    """A results directory may hold a cell twice under different keys (rerun at another batch size): the check
+    compares the newest row, not the mean of both."""
+    tmp_path, ref = setup
+    ref_df = read_runs(tmp_path / "runs")
+    old = ref_df.copy()
+    old["digits_fid"] *= 3  # an old, bad run of the same cells under other keys
+    old["cell_key"] = old["cell_key"] + "-b32"
+    old["time"] = pd.Timestamp("2025-01-01", tz="UTC")
+    assert compare(ref_df, pd.concat([old, ref_df]))[0].empty
+
+
+def test_markdown_written_on_pass_and_fail(setup, capsys):
+    tmp_path, ref = setup
+    md = tmp_path / "check.md"
+    assert main(["--baseline", str(ref), "--out", str(tmp_path), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "check passed" in text and "| model |" in text and "digits_fid" in text  # every comparison listed
+    rerun(tmp_path, rows(shift=1.5))
+    with pytest.raises(SystemExit):
+        main(["--baseline", str(ref), "--out", str(tmp_path), "--markdown", str(md)])
+    text = md.read_text()
+    assert "check FAILED" in text and "## Problems" in text and "eda-dm" in text.split("## Problems")[1]
+
+
+def test_grid_check_table_and_cli_precedence(tmp_path):
+    """Defaults < the grid file's [check] table < the command line."""
+    g = tmp_path / "g.toml"
+    g.write_text('name = "g"\n[defaults]\nmethods = ["fp"]\nbits = ["W8A8"]\nseeds = [0]\nsamples = 4\n'
+                 '[check]\nrel_tol = 0.5\nk = 2.0\nabs_tol = { digits_coverage = 0.3 }\n[[model]]\nname = "m"\n')
+    k, tol = tolerances_for(str(g))
+    assert k == 2.0 and tol["digits_fid"][1] == 0.5 and tol["digits_coverage"] == (0.3, 0.0)
+    k, tol = tolerances_for(str(g), rel_tol={"digits_fid": 0.01}, k=1.0, abs_tol={"digits_coverage": 0.1})
+    assert k == 1.0 and tol["digits_fid"][1] == 0.01 and tol["eps_mse"][1] == 0.5 and tol["digits_coverage"][0] == 0.1
+    assert tolerances_for(None)[1] == TOLERANCES
+
+
+def test_nightly_prints_the_check_table_when_a_cell_failed():
+    """The grid step exits 1 when a cell failed; the check must still run then (its table is what a person reads),
+    write the Markdown table, append it to the job summary and upload it."""
+    from pathlib import Path
+
+    import yaml
+
+    wf = yaml.safe_load((Path(__file__).resolve().parent.parent / ".github/workflows/nightly.yml").read_text())
+    steps = wf["jobs"]["smoke"]["steps"]
+    by_id = {s.get("id"): s for s in steps if s.get("id")}
+    grid, check = by_id["grid"], by_id["check"]
+    assert "bench.run --grid smoke" in grid["run"] and "always()" not in str(grid.get("if", ""))
+    assert "always()" in check["if"] and "bench.check" in check["run"] and "--markdown results/check.md" in check["run"]
+    later = steps[steps.index(check) + 1:]
+    summary = [s for s in later if "GITHUB_STEP_SUMMARY" in s.get("run", "")]
+    assert summary and "always()" in summary[0]["if"] and "results/check.md" in summary[0]["run"]
+    upload = [s for s in later if "upload-artifact" in s.get("uses", "")]
+    assert upload and "always()" in upload[0]["if"] and "results/check.md" in upload[0]["with"]["path"]
