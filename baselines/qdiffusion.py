@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.errors import UsageError
+from eda.errors import UsageError
 from eda.registry import PTQMethod, Stage, register_method
 
 

@@ -86,6 +86,12 @@ class DiffusionModel:
         return sample(per_batch, n, self.sample_shape, self.alphas_cumprod, sampler or self.sampler, seed=seed,
                       batch_size=batch_size, device=device, hooks=hooks, progress=progress, per_batch=True)
 
+    def timesteps(self, sampler: SamplerConfig | None = None) -> list[int]:
+        """The training time steps the sampler visits (default: this model's sampler), as `generate` runs them."""
+        from bench.sampling import timesteps
+
+        return timesteps(sampler or self.sampler, len(self.alphas_cumprod))
+
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """Sampler output -> images in [-1, 1] (decodes latents for LDMs)."""
         return (self.decode(x0) if self.decode is not None else x0).clamp(-1, 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from bench.errors import UsageError
+from eda.errors import UsageError
 
 MIN_BITS, MAX_BITS = 2, 16
 _INITS = ("lp", "minmax", "qdiff-max")  # eda.quantizer docstring

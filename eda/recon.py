@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.errors import BenchError, UsageError
+from eda.errors import BenchError, UsageError
 from eda.adaround import AdaRoundQuantizer, annealed_b
 from eda.capture import collect_inputs, first_output
 from eda.convergence import plateaued, summarize, window_size
