@@ -41,8 +41,8 @@ def tiny_cond_unet():
 def make_tiny_model(cond: bool = False, steps: int = 5):
     """A DiffusionModel around a tiny UNet with a short DDIM sampler (conditional: per-sample random context)."""
     from bench.models import DiffusionModel
-    from bench.sampling import SamplerConfig
-    from bench.schedule import alphas_cumprod_for
+    from bench.models.sampling import SamplerConfig
+    from bench.models.schedule import alphas_cumprod_for
 
     unet = make_tiny_cond_unet() if cond else make_tiny_unet()
     conditioning = None

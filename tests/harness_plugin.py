@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from bench.models import DiffusionModel, available_models, register_model
-from bench.sampling import SamplerConfig
-from bench.schedule import alphas_cumprod_for
+from bench.models.sampling import SamplerConfig
+from bench.models.schedule import alphas_cumprod_for
 from eda.registry import Method, QuantResult, available_methods, register_method
 
 

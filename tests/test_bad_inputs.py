@@ -252,7 +252,7 @@ def test_missing_reference_statistics_offline(model_dir, tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("shape", [(4, 16, 16), (4, 2, 16, 16), (4, 16, 16, 3), (2, 4, 1, 16, 16)])
 def test_metrics_wrong_image_shape(shape):
-    from bench.metrics import evaluate
+    from bench.metrics.score import evaluate
 
     with pytest.raises(UsageError) as e:
         evaluate(torch.zeros(shape), "digits", metrics=("digits_fid",))
@@ -263,7 +263,7 @@ def test_nan_in_reconstruction_cli(model_dir, tmp_path, capsys):
     """NaN through the CLI: a UNet whose weights hold a NaN fails while recording FP trajectories, with one line
     blaming the FP model (not a reconstruction learning rate), exit 1. NaN inside reconstruction naming the unit is
     tests/test_recon.py::test_nan_names_the_unit."""
-    from bench.models import load_unet_dir
+    from bench.models.directory import load_unet_dir
     from bench.quantize import main
 
     bad = tmp_path / "nan-model"
@@ -312,7 +312,7 @@ def test_every_torch_load_is_weights_only():
 def test_artifact_cache_round_trip_is_weights_only(tmp_path):
     """The shared FP artifact cache reads its files with weights_only=True: trajectories and sample dicts come back
     from disk; a file holding any other pickled object is refused with one line naming the file."""
-    from bench.artifacts import ArtifactCache
+    from bench.harness.artifacts import ArtifactCache
     from eda.trajectories import record_trajectories
     from tests.test_methods import tiny_model
 

@@ -3,8 +3,9 @@
 import pandas as pd
 import pytest
 
-from bench.check import compare, main
-from bench.store import empty_row, read_runs, write_file, write_row
+from bench.check import main
+from bench.reporting.regression import compare
+from bench.harness.store import empty_row, read_runs, write_file, write_row
 
 
 def row(method, bits, seed, fid, cov=0.9, status="ok", key=None, t="2026-01-01"):

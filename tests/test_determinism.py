@@ -2,7 +2,7 @@
 
 tests/test_methods.py::test_quantize_is_seeded already checks eda-dm with min-max ranges; here the methods with
 every source of randomness switched on (L_p range search, AdaRound, QDrop, NDTC sampling, TDAC), sampling from a
-quantized model, the bench.sample CLI, and a whole harness cell (bench.cell.run_cell) with fresh caches.
+quantized model, the bench.sample CLI, and a whole harness cell (bench.harness.cell.run_cell) with fresh caches.
 """
 
 import pytest
@@ -87,9 +87,9 @@ def test_cell_twice_identical_metrics(tmp_path):
     """A whole harness cell (FP samples, shared trajectories, eda-dm, sampling, digits-FID vs FP) run twice with
     fresh artifact caches gives identical metrics."""
     import tests.harness_plugin  # noqa: F401 - registers test-tiny
-    from bench.artifacts import ArtifactCache
-    from bench.cell import run_cell
-    from bench.grid import Cell
+    from bench.harness.artifacts import ArtifactCache
+    from bench.harness.cell import run_cell
+    from bench.harness.grid import Cell
     from bench.models import load_model
 
     over = tiny("eda-dm", n_samples=4, iters=1, w_init="minmax", a_init="minmax")

@@ -3,7 +3,7 @@
 import pytest
 
 from bench.errors import UsageError
-from bench.grid import Cell, apply_overrides, available_grids, load_grid, parse_bits
+from bench.harness.grid import Cell, apply_overrides, available_grids, load_grid, parse_bits
 from eda.registry import parse_overrides
 
 GRID = """

@@ -237,7 +237,8 @@ def test_x86_inductor_parity(tiny_unet):
 def test_exported_w8a8_digits_samples_are_digits(tmp_path):
     """digits-ddpm, round-to-nearest W8A8, exported and sampled on int8 kernels: the classifier sees digits of every
     class, and the samples stay as close to FP's as the fake-quant model's do."""
-    from bench import classifier, export, sample
+    from bench import export, sample
+    from bench.metrics import classifier
     from bench.models import load_model
     from eda.integer import load_for_backend
 

@@ -7,8 +7,8 @@ import torch
 
 from bench.errors import UsageError
 from bench.models import DiffusionModel
-from bench.sampling import SamplerConfig
-from bench.schedule import alphas_cumprod_for
+from bench.models.sampling import SamplerConfig
+from bench.models.schedule import alphas_cumprod_for
 from eda.registry import available_methods, get_method, parse_overrides
 
 torch.set_num_threads(2)
@@ -261,7 +261,7 @@ def test_stable_diffusion_softmax_bits_per_method():
     """EDA-DM's for_coco.sh: --sm_abit 8; Q-Diffusion's txt2img command: --sm_abit 16, no --a_sym."""
     import types
 
-    from bench.zoo import ZOO
+    from bench.models.zoo import ZOO
 
     sd = types.SimpleNamespace(defaults=ZOO["sd-v1-4"].defaults)
     assert get_method("eda-dm").configure(sd, "W4A8").softmax_bits == 8

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench.data import load_digits_split, to_uint8_rgb
+from bench.metrics.data import load_digits_split, to_uint8_rgb
 from bench.errors import BenchError, UsageError
 from bench.models import available_models, load_model
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bench.errors import UsageError
-from bench.sampling import SamplerConfig, sample, sample_batch, timesteps
-from bench.schedule import alphas_cumprod_for
+from bench.models.sampling import SamplerConfig, sample, sample_batch, timesteps
+from bench.models.schedule import alphas_cumprod_for
 
 
 @pytest.fixture(scope="module")

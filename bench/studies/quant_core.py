@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.errors import cli_main
-from bench.run import git_commit
+from bench.harness.provenance import git_commit
 from eda.checkpoint import packed_size_mb
 from eda.policy import BitPolicy
 from eda.recon import ReconConfig, reconstruct
@@ -35,16 +35,16 @@ def _model(name: str, steps: int | None):
     from dataclasses import replace
 
     if name == "random":  # smoke test without the trained checkpoint
-        from bench.models import DiffusionModel
-        from bench.sampling import SamplerConfig
-        from bench.schedule import alphas_cumprod_for
-        from bench.train import digits_unet
+        from bench.models.model import DiffusionModel
+        from bench.models.sampling import SamplerConfig
+        from bench.models.schedule import alphas_cumprod_for
+        from bench.models.digits import digits_unet
 
         torch.manual_seed(0)
         model = DiffusionModel("digits-random", digits_unet().eval(), alphas_cumprod_for(), SamplerConfig(),
                                (1, 16, 16), "digits")
     else:
-        from bench.models import load_model
+        from bench.models.registry import load_model
 
         model = load_model(name)
     if steps is not None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.errors import UsageError
 
-GRIDS_DIR = Path(__file__).resolve().parent / "grids"
+GRIDS_DIR = Path(__file__).resolve().parents[1] / "grids"  # bench/grids
 FP_METHOD = "fp"
 FP_BITS = "FP"
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)$")
@@ -72,7 +72,7 @@ class Cell:
         """Content hash of everything that changes the result (not the grid name): resume and check match on it."""
         d = asdict(self)
         d.pop("grid")
-        d.pop("batch_size")  # sampling is batch-size independent for a seed (bench.sampling.sample)
+        d.pop("batch_size")  # sampling is batch-size independent for a seed (bench.models.sampling.sample)
         blob = json.dumps(d, sort_keys=True, default=list)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -178,7 +178,7 @@ def load_grid(name_or_path: str) -> Grid:
 
 
 def _check_seeds(where, seeds) -> None:
-    from bench.seeds import check_seed
+    from bench.harness.seeds import check_seed
 
     for s in seeds:
         try:

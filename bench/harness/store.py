@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from bench.errors import BenchError
 
-# Metrics of bench.metrics.evaluate plus the harness's own noise-prediction error; NaN when not computed.
+# Metrics of bench.metrics.score.evaluate plus the harness's own noise-prediction error; NaN when not computed.
 METRICS = ("fid", "sfid", "is", "kid", "precision", "recall", "digits_fid", "digits_coverage", "digits_confidence",
            "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse", "int8_latency_ms", "int8_speedup")
 PARTITIONS = ("grid", "model", "method")
@@ -47,7 +47,7 @@ FILE_SCHEMA = pa.schema(
         ("w_bits", pa.int32()),
         ("a_bits", pa.int32()),
         ("seed", pa.int32()),
-        ("sample_seed", pa.int32()),  # noise seed of the evaluated samples (bench.seeds)
+        ("sample_seed", pa.int32()),  # noise seed of the evaluated samples (bench.harness.seeds)
         ("calib_seed", pa.int32()),  # noise seed of the calibration trajectories; null for fp
         ("samples", pa.int32()),
         ("calib_size", pa.int32()),
