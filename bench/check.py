@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 from bench.errors import UsageError, cli_main
-from bench.harness.store import METRICS
+from bench.metrics.names import METRICS
 from bench.reporting.regression import K_CI, REL_TOL, check_run, update_reference
 
 

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from bench.errors import cli_main
-from bench.harness.store import METRICS
+from bench.metrics.names import METRICS
 from bench.reporting.page import render
 
 

@@ -65,11 +65,11 @@ def qdir(model_dir, tmp_path_factory):
     from eda.policy import BitPolicy
     from eda.trajectories import CalibSet
     from eda.wrap import init_ranges, quantize_unet
-    from tests.test_methods import tiny_unet
+    from tests.conftest import make_tiny_unet
 
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
-    q = quantize_unet(tiny_unet(), BitPolicy.from_bits("W8A8", w_init="minmax", a_init="minmax"))
+    q = quantize_unet(make_tiny_unet(width=8), BitPolicy.from_bits("W8A8", w_init="minmax", a_init="minmax"))
     init_ranges(q, CalibSet(x, t), batch_size=4)
     d = tmp_path_factory.mktemp("q") / "ck"
     save_quantized(q, d, {"model": str(model_dir), "method": "rtn", "bits": "W8A8"})
@@ -314,9 +314,9 @@ def test_artifact_cache_round_trip_is_weights_only(tmp_path):
     from disk; a file holding any other pickled object is refused with one line naming the file."""
     from bench.harness.artifacts import ArtifactCache
     from eda.trajectories import record_trajectories
-    from tests.test_methods import tiny_model
+    from tests.conftest import make_tiny_model
 
-    traj = record_trajectories(tiny_model(steps=2), 2, seed=0, batch_size=2)
+    traj = record_trajectories(make_tiny_model(steps=2, width=8), 2, seed=0, batch_size=2)
     ArtifactCache(tmp_path).get("trajectories", {"a": 1}, lambda: traj)
     ArtifactCache(tmp_path).get("fp_samples", {"a": 1}, lambda: {"x0": torch.ones(2), "seconds": 1.0})
     fresh = ArtifactCache(tmp_path)
@@ -332,7 +332,7 @@ def test_artifact_cache_round_trip_is_weights_only(tmp_path):
 
 
 def test_local_ray_cluster_has_no_dashboard():
-    text = (ROOT / "bench" / "run.py").read_text()
+    text = (ROOT / "bench" / "harness" / "driver.py").read_text()  # start_ray
     inits = re.findall(r"ray\.init\(([^)]*)\)", text)
     local = [a for a in inits if 'address="local"' in a]
     assert local and all("include_dashboard=False" in a for a in local)

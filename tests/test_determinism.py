@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from eda.registry import get_method
-from tests.test_methods import tiny, tiny_model
+from tests.conftest import tiny
+from tests.test_methods import tiny_model
 
 torch.set_num_threads(1)
 
@@ -67,10 +68,10 @@ def test_sample_cli_twice_identical(tmp_path, capsys):
     import json
 
     from bench.sample import main
-    from tests.test_methods import tiny_unet
+    from tests.conftest import make_tiny_unet
 
     d = tmp_path / "m"
-    tiny_unet().save_pretrained(d / "unet")
+    make_tiny_unet(width=8).save_pretrained(d / "unet")
     (d / "bench.json").write_text(json.dumps({"name": "tiny", "dataset": "digits",
                                               "sampler": {"kind": "ddim", "steps": 3, "eta": 0.0, "skip": "quad"}}))
     outs = []

@@ -7,7 +7,8 @@ import pandas as pd
 import torch
 
 from bench.harness.grid import Cell
-from bench.harness.int8_cell import INT8_METRICS, int8_metrics
+from bench.harness.int8_cell import int8_metrics
+from bench.metrics.names import INT8_METRICS
 from eda.policy import BitPolicy
 from eda.trajectories import CalibSet
 from eda.wrap import init_ranges, quantize_unet

@@ -185,9 +185,9 @@ def test_unsupported_is_one_line_naming_the_layer(tiny_unet):
 
 def test_cli_export_sample_and_errors(model_dir, tmp_path, capsys):
     from bench import export, sample
-    from tests.test_methods import tiny_unet
+    from tests.conftest import make_tiny_unet
 
-    unet = tiny_unet()
+    unet = make_tiny_unet(width=8)
     q = quantize_unet(unet, BitPolicy.from_bits("W8A8", **FAST))
     x, t, _ = _inputs(unet)
     init_ranges(q, CalibSet(x, t), batch_size=4)

@@ -7,36 +7,17 @@ import torch
 
 from bench.errors import UsageError
 from bench.models import DiffusionModel
-from bench.models.sampling import SamplerConfig
-from bench.models.schedule import alphas_cumprod_for
 from eda.registry import available_methods, get_method, parse_overrides
+from tests.conftest import make_tiny_model, tiny
 
 torch.set_num_threads(2)
 
 ALL = ["fp", "rtn", "ptq4dm", "qdiffusion", "eda-dm", "eda-dm:tdac-only", "eda-dm:fbr-only"]
-# tiny budgets for every method: a few iterations, small calibration sets (all knobs the official scripts set)
-TINY = {
-    "rtn": {"n_samples": 8, "init_batch": 8},
-    "ptq4dm": {"n_samples": 8, "iters": 2, "batch_size": 4, "init_batch": 8},
-    "qdiffusion": {"cali_st": 2, "cali_n": 4, "iters": 2, "iters_a": 2, "batch_size": 4, "init_batch": 8},
-    "eda-dm": {"n_samples": 8, "iters": 2, "batch_size": 4, "init_batch": 8},
-}
-
-
-def tiny_unet(seed: int = 0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D",
-                                                                                            "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=8).eval()
 
 
 def tiny_model(seed: int = 0, steps: int = 6) -> DiffusionModel:
-    return DiffusionModel(name="tiny", unet=tiny_unet(seed), alphas_cumprod=alphas_cumprod_for("linear"),
-                          sampler=SamplerConfig(kind="ddim", steps=steps, eta=0.0, skip="quad"),
-                          sample_shape=(1, 8, 8), dataset="digits")
+    """The method tests' model: the tiny UNet at width 8 (tests/conftest.py) with a 6-step quad DDIM sampler."""
+    return make_tiny_model(steps=steps, seed=seed, width=8)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +30,6 @@ def trajectories(model):
     from eda.trajectories import mid_attention_name, record_trajectories
 
     return record_trajectories(model, 12, seed=123, feature_modules=(mid_attention_name(model.unet),), batch_size=24)
-
-
-def tiny(name: str, **extra) -> dict:
-    return {**TINY.get(name.split(":")[0], {}), **extra}
 
 
 # ---- registry and knobs -------------------------------------------------------------------------------------------
@@ -228,7 +205,6 @@ def test_guided_models_calibrate_on_both_guidance_branches(monkeypatch):
 
     from eda.guidance import pair_calibration
     from eda.trajectories import record_trajectories
-    from tests.conftest import make_tiny_model
 
     model = make_tiny_model(cond=True, steps=4)
     base = model.conditioning

@@ -43,13 +43,10 @@ CAPTIONS = ["a cat on a mat", "two dogs", "a red bus in the street", "a plate of
 
 
 def _save_pixel(root):
-    from diffusers import UNet2DModel
+    from tests.conftest import make_tiny_unet
 
-    torch.manual_seed(0)
     # The hub repo google/ddpm-cifar10-32 keeps the UNet at the folder root.
-    UNet2DModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=8).save_pretrained(root)
+    make_tiny_unet(channels=3).save_pretrained(root)
 
 
 def _save_compvis(root, name):

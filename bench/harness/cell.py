@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import platform
 import resource
 import time
 import traceback
@@ -22,11 +21,12 @@ import torch
 from bench.harness.artifacts import ArtifactCache, model_fingerprint
 from bench.errors import BenchError
 from bench.harness.grid import FP_METHOD, Cell
-from bench.harness.int8_cell import INT8_METRICS, int8_metrics
-from bench.harness.provenance import package_versions
+from bench.harness.int8_cell import int8_metrics
+from bench.harness.provenance import host, package_versions
 from bench.models.sampling import SamplerConfig
 from bench.harness.seeds import calib_seed, eps_seed, sample_seed
-from bench.harness.store import DISK_FULL, METRICS, empty_row
+from bench.harness.store import DISK_FULL, empty_row
+from bench.metrics.names import HARNESS_METRICS, METRICS, VS_FP
 
 EPS_MSE_SAMPLES = 8  # held-out trajectories for the per-step noise-prediction error vs FP (cheap: one batched pass)
 SAMPLE_GRID = 16  # images per cell in the saved PNG sample grid
@@ -151,10 +151,6 @@ def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
     return grid_png(images[:n])
 
 
-VS_FP = ("fid_vs_fp", "digits_fid_vs_fp")  # harness-level metric names: distances to the FP samples (same seed)
-HARNESS_METRICS = (*VS_FP, "clip", *INT8_METRICS)  # computed here rather than by bench.metrics.score.evaluate
-
-
 def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str, float]:
     """bench.metrics.score.evaluate on the cell's metrics. The distances to FP samples are computed only when the grid
     asks for them: fid_vs_fp needs Inception features of both sample sets (minutes on CPU), digits_fid_vs_fp only
@@ -223,7 +219,7 @@ def base_row(cell: Cell, context: dict) -> dict:
                a_bits=cell.a_bits, seed=cell.seed, sample_seed=sample_seed(cell.seed), samples=cell.samples,
                cell_key=cell.key,
                overrides=json.dumps(cell.overrides, sort_keys=True), run_id=context.get("run_id"),
-               git_commit=context.get("git_commit"), host=platform.node(),
+               git_commit=context.get("git_commit"), host=host(),
                versions=json.dumps(package_versions(), sort_keys=True), attempts=1)
     row["time"] = _now()
     return row

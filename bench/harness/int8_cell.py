@@ -13,7 +13,8 @@ import logging
 
 import torch
 
-INT8_METRICS = ("int8_latency_ms", "int8_speedup")
+from bench.metrics.names import INT8_METRICS
+
 INT8_BATCH = 8  # the reference batch; fixed so cells compare across grids and batch sizes
 INT8_REPS = 5
 

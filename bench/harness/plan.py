@@ -11,6 +11,7 @@ import os
 
 from bench.errors import UsageError
 from bench.harness.grid import FP_METHOD, Cell, Grid, apply_overrides, load_grid
+from bench.metrics.names import GRID_METRICS, HARNESS_METRICS
 from eda.registry import parse_overrides
 
 
@@ -34,13 +35,7 @@ def plan(args) -> Grid:
 
 def check_metrics(grid: Grid) -> None:
     """Metric names must be ones bench.metrics.score.evaluate knows (or the harness's distances to FP samples)."""
-    try:
-        from bench.metrics.names import ALL_METRICS
-    except ImportError:
-        return
-    from bench.harness.cell import HARNESS_METRICS
-
-    known = (*ALL_METRICS, *HARNESS_METRICS)
+    known = GRID_METRICS
     bad = sorted({m for b in grid.models for m in b["metrics"] if m not in known})
     if bad:
         raise UsageError(f"unknown metric(s) {', '.join(bad)} in grid {grid.name}; expected some of {', '.join(known)}")
@@ -95,7 +90,6 @@ def model_reference(name: str) -> tuple[str, str] | None:
 def reference_status(cell: Cell) -> tuple[bool, str]:
     """(ok, why) for the reference data of a cell's metrics when its model's dataset is known without loading it;
     workers check again before sampling (bench.harness.cell.require_reference) for the other models."""
-    from bench.harness.cell import HARNESS_METRICS
     from bench.metrics.reference import reference_available
 
     ref = model_reference(cell.model)

@@ -1,11 +1,14 @@
 """Provenance: what every result records about where it came from (lm-eval's habit): the git commit of the code,
-package versions, host and device.
+package versions, host and device. Result rows (bench.harness.cell), the perf page and the study pages take it from
+here; `environment()` is the whole record of a measurement taken in this process.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -32,3 +35,24 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def host() -> str:
+    return platform.node()
+
+
+def device_name() -> str:
+    """The GPU's name when torch sees one, else "CPU (<processor>)"."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'})"
+
+
+def environment() -> dict:
+    """Where and when a measurement ran: git commit, package versions, host, device, CPU count and torch threads,
+    time (UTC, to the minute) and the 1-minute load average (timings on a shared machine mean little without it)."""
+    import torch
+
+    return {"git_commit": git_commit(), "versions": package_versions(), "host": host(), "device": device_name(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "load_average": os.getloadavg()[0]}

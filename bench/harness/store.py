@@ -24,10 +24,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from bench.errors import BenchError
+from bench.metrics.names import METRICS  # one float column per metric, NaN when not computed
 
-# Metrics of bench.metrics.score.evaluate plus the harness's own noise-prediction error; NaN when not computed.
-METRICS = ("fid", "sfid", "is", "kid", "precision", "recall", "digits_fid", "digits_coverage", "digits_confidence",
-           "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse", "int8_latency_ms", "int8_speedup")
 PARTITIONS = ("grid", "model", "method")
 TEMP_PREFIX = ".tmp-"  # in-progress writes (Parquet rows, sample-grid PNGs); dataset discovery skips dotfiles
 STALE_TEMP_SECONDS = 600  # one row is written in milliseconds: an older temp was left by a killed writer

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BenchError, UsageError
-from bench.harness.store import METRICS, read_file, read_runs, runs_dir, write_file
-from bench.metrics.names import LABELS, lower_is_better
+from bench.harness.store import read_file, read_runs, runs_dir, write_file
+from bench.metrics.names import LABELS, METRICS, lower_is_better
 from bench.reporting.tables import mean_ci
 
 REL_TOL = 0.10

@@ -12,8 +12,7 @@ import pandas as pd
 
 from bench.errors import UsageError
 from bench.harness.grid import FP_BITS, FP_METHOD
-from bench.harness.store import METRICS
-from bench.metrics.names import LABELS, lower_is_better
+from bench.metrics.names import LABELS, METRICS, lower_is_better
 
 
 def mean_ci(values) -> tuple[float, float, int]:

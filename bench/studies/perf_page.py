@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from bench.harness.provenance import git_commit, package_versions
+from bench.harness import provenance
 from bench.studies.perf_figures import fig_artifacts, fig_cifar, fig_ray, fig_recon, fig_sampling
 from bench.studies.perf_int8 import fig_int8
 
@@ -20,11 +18,8 @@ FIGURES = ("recon", "sampling", "artifacts", "ray", "cifar", "int8")
 
 
 def environment(argv: list[str]) -> dict:
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'})"
-    return {"command": "python -m bench.perf " + " ".join(argv), "device": dev, "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "versions": package_versions(), "git_commit": git_commit(),
-            "time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "load_average": os.getloadavg()[0]}
+    """The page's provenance (bench.harness.provenance.environment) and the command that measured it."""
+    return {"command": "python -m bench.perf " + " ".join(argv), **provenance.environment()}
 
 
 def write(rows: list[dict], env: dict, out_parquet: Path, page: Path) -> None:
