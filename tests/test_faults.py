@@ -249,7 +249,8 @@ def test_driver_fails_missing_reference_before_ray(tmp_path, monkeypatch):
     monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(bench.harness.plan, "model_reference", lambda name: ("nodata", None))  # as a zoo model would say
-    monkeypatch.setattr(bench.harness.driver, "start_ray", lambda address: pytest.fail("Ray started for cells that cannot run"))
+    monkeypatch.setattr(bench.harness.driver, "start_ray",
+                        lambda address: pytest.fail("Ray started for cells that cannot run"))
     grid = write_grid(tmp_path, ["fp", "test-ok"], metrics=("fid", "fid_vs_fp"))
     out = tmp_path / "out"
     assert run("--grid", grid, "--out", str(out)) == 1

@@ -1,4 +1,5 @@
-"""Method registry, knob resolution and every method end to end on a tiny random UNet (seconds each)."""
+"""Method registry, knob resolution, calibration selection and method-specific behaviour on a tiny random UNet
+(seconds each); every method end to end: tests/test_contract.py."""
 
 from dataclasses import replace
 
@@ -134,29 +135,7 @@ def test_too_few_trajectories(model, trajectories):
         get_method("eda-dm").quantize(model, "W4A8", trajectories, overrides={"n_samples": 1000})
 
 
-# ---- end to end ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ALL)
-def test_method_end_to_end(name, model, trajectories):
-    from eda.wrap import get_quant_state, quant_layers
-
-    res = get_method(name).quantize(model, "W4A8", trajectories, seed=0, overrides=tiny(name), progress=False)
-    info = res.info
-    assert {"calib_size", "allocation", "quant_seconds", "config"} <= set(info)
-    x = torch.randn(4, 1, 8, 8)
-    t = torch.full((4,), 500, dtype=torch.long)
-    with torch.no_grad():
-        out = res.unet(x, t).sample
-        ref = model.unet(x, t).sample
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    if name == "fp":
-        assert res.unet is model.unet and info["calib_size"] == 0
-        return
-    assert len(quant_layers(res.unet)) > 0 and get_quant_state(res.unet) == (True, True)
-    assert not torch.equal(out, ref)  # 4-bit weights change the output
-    assert len(quant_layers(model.unet)) == 0  # the FP model is untouched
-    assert info["calib_size"] > 0
-
-
+# ---- end to end (every method on the tiny UNet: tests/test_contract.py) -----------------------------------------
 def test_ptq4dm_official_scripts_skip_reconstruction(model, trajectories):
     res = get_method("ptq4dm").quantize(model, "W8A8", trajectories, overrides=tiny("ptq4dm", official_scripts=True),
                                         progress=False)

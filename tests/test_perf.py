@@ -1,4 +1,5 @@
-"""bench.perf (bench/studies/perf_*.py): the benchmark's building blocks count what they claim to (the timings themselves are not tested)."""
+"""bench.perf (bench/studies/perf_*.py): the benchmark's building blocks count what they claim to (the timings
+themselves are not tested)."""
 
 import pandas as pd
 import pytest
@@ -85,9 +86,11 @@ def test_a_later_only_run_keeps_the_other_figures(tmp_path):
            "git_commit": "abc", "time": "t1", "load_average": 1.0}
     pq, page = tmp_path / "perf" / "perf.parquet", tmp_path / "perf.md"
     perf_page.write([perf_figures.row("sampling", "a", "FP", 1.0, "fq", 1.2, "overhead", 1.3)], env, pq, page)
-    perf_page.write([perf_figures.row("ray", "b", "1 worker", 2.0, "2 workers", 1.0, "speedup", None, workers=2, efficiency=1.0)],
+    perf_page.write([perf_figures.row("ray", "b", "1 worker", 2.0, "2 workers", 1.0, "speedup", None, workers=2,
+                                      efficiency=1.0)],
                {**env, "command": "python -m bench.perf --only ray", "time": "t2"}, pq, page)
-    perf_page.write([perf_figures.row("sampling", "c", "FP", 1.0, "fq", 1.1, "overhead", 1.3)], {**env, "time": "t3"}, pq, page)
+    perf_page.write([perf_figures.row("sampling", "c", "FP", 1.0, "fq", 1.1, "overhead", 1.3)], {**env, "time": "t3"},
+                    pq, page)
     df = pd.read_parquet(pq)
     assert sorted(zip(df.figure, df.case, df.time)) == [("ray", "b", "t2"), ("sampling", "c", "t3")]
     text = page.read_text()
