@@ -43,7 +43,8 @@ def sample_images(model, n: int, seed: int = 0, sampler: SamplerConfig | None = 
 
 
 def format_metrics(m: dict[str, float]) -> str:
-    return "\n".join(f"  {DESCRIPTIONS.get(k, k):<26} {v:.4f}" if abs(v) < 1e4 else f"  {DESCRIPTIONS.get(k, k):<26} {v:.4g}"
+    return "\n".join(f"  {DESCRIPTIONS.get(k, k):<26} {v:.4f}" if abs(v) < 1e4
+                     else f"  {DESCRIPTIONS.get(k, k):<26} {v:.4g}"
                      for k, v in m.items())
 
 

@@ -48,8 +48,8 @@ def _safe_globals() -> list:
 
     torch's weights_only unpickler matches each class by its module path and name as pickled, so this list follows
     the classes where they live now (eda.trajectories). A cache file written before a class moved or left the list
-    (e.g. one holding bench.models.sampling.SamplerConfig, from before trajectories kept their sampler as a dict) is refused
-    by `_safe_load` with its one-line message; delete it and it is recomputed."""
+    (e.g. one holding bench.sampling.SamplerConfig, from before trajectories kept their sampler as a dict) is
+    refused by `_safe_load` with its one-line message; delete it and it is recomputed."""
     import numpy as np
 
     from eda.trajectories import CalibSet, Trajectories

@@ -1,1 +1,2 @@
-"""Reporting: tables (mean ± CI across seeds, Markdown/LaTeX), plots, the report page and the regression check's rule."""
+"""Reporting: tables (mean ± CI across seeds, Markdown/LaTeX), plots, the report page, the regression check's
+rule."""

