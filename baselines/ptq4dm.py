@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.errors import UsageError
+from eda.errors import UsageError
 from eda.registry import PTQMethod, register_method
 
 NDTC_MODES = ("paper", "official")

@@ -20,7 +20,7 @@
 - Policy: shortcut split on (`--split`), every layer at the same bits and every layer input quantized, the output
   conv's included (no first/last 8-bit exception, no `disable_network_output_quantization`).
 The LDM and SD scripts differ (L_p 'mse' ranges, no `--a_sym` on Church and SD, no split on LSUN, softmax 16 bit on
-SD, `--running_stat`): bench.zoo sets those per model.
+SD, `--running_stat`): bench.models.zoo sets those per model.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.errors import UsageError
+from eda.errors import UsageError
 from eda.registry import PTQMethod, Stage, register_method
 
 

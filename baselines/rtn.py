@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.errors import UsageError
+from eda.errors import UsageError
 from eda.registry import PTQMethod, register_method
 
 

@@ -1,7 +1,7 @@
-"""User-facing errors: one clear line that says what was expected and what to do.
+"""The CLIs' error handling: `cli_main` turns the library's `BenchError` into one line and an exit code.
 
-CLIs catch `BenchError` and print `error: <message>` without a traceback. Usage errors (unknown names, bad flags,
-malformed grid files) exit with status 2; everything else exits with status 1.
+The error classes live in the method library (eda/errors.py) and are re-exported here: `bench.errors.BenchError` and
+`bench.errors.UsageError` are the same classes. Usage errors exit with status 2; everything else exits with status 1.
 """
 
 from __future__ import annotations
@@ -9,17 +9,9 @@ from __future__ import annotations
 import functools
 import sys
 
+from eda.errors import BenchError, UsageError
 
-class BenchError(Exception):
-    """An error whose message is meant for a person; printed as one line, no traceback."""
-
-    exit_code = 1
-
-
-class UsageError(BenchError):
-    """Bad input on the command line or in a config file (unknown name, bad bit width, malformed grid)."""
-
-    exit_code = 2
+__all__ = ["BenchError", "UsageError", "cli_main"]
 
 
 def cli_main(fn):

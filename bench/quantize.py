@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UsageError, cli_main
-from bench.seeds import CALIB_OFFSET, calib_seed
+from bench.harness.seeds import CALIB_OFFSET, calib_seed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                                                         "(default 0)")
     p.add_argument("--calib-seed", type=int, default=None,
                    help=f"noise seed of the recorded FP trajectories (default: seed + {CALIB_OFFSET}, the calibration "
-                        "stream of bench/seeds.py, so samples drawn with --seed never start from calibration noise)")
+                        "stream of bench/harness/seeds.py, so samples drawn with --seed never start from calibration "
+                        "noise)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size for recording trajectories (default 256)")

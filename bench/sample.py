@@ -52,7 +52,7 @@ def is_quantized_dir(path: str) -> bool:
 def load_for_sampling(name_or_dir: str, device: str = "cpu", seed: int | None = None):
     """(DiffusionModel, unet to sample with, description): a quantized dir brings its FP model for the sampler.
     With `seed`, a quantized model calibrated on that very noise seed is refused (its samples would start from its
-    own calibration trajectories' x_T, bench/seeds.py)."""
+    own calibration trajectories' x_T, bench/harness/seeds.py)."""
     from bench.models import load_model
     from eda.integer import is_integer_dir
 
@@ -85,7 +85,7 @@ def load_for_sampling(name_or_dir: str, device: str = "cpu", seed: int | None = 
 
 def save_grid(images, path: str, nrow: int | None = None, scale: int | None = None) -> tuple[int, int]:
     """Images in [-1, 1] [N, C, H, W] -> one PNG grid with 2-px gaps; returns the PNG size (w, h)."""
-    from bench.images import grid_image
+    from bench.metrics.images import grid_image
 
     scale = scale or max(1, math.ceil(64 / max(images.shape[-2:])))
     img = grid_image(images, nrow=nrow, scale=scale)

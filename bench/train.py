@@ -9,104 +9,13 @@ Both reproduce the committed weights from a seed (bit-exact on the same machine 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from bench.data import DEFAULT_SIZE, load_digits_split
 from bench.errors import cli_main
-from bench.models import DIGITS_DIR
-from bench.schedule import alphas_cumprod_for
-
-
-def digits_unet(size: int = DEFAULT_SIZE):
-    """The DDPM CIFAR-10 building blocks scaled down: 2 ResBlocks per level, attention at the middle resolution
-    (as DDPM's attention at 16x16 of 32x32) and in the mid block, skip concatenations in the decoder."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=size,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=2,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=32,
-        dropout=0.1,
-    )
-
-
-@dataclass
-class DigitsTrainConfig:
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 4e-4
-    warmup: int = 200
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    size: int = DEFAULT_SIZE
-    threads: int = 2
-
-
-def train_digits(cfg: DigitsTrainConfig, out_dir: Path = DIGITS_DIR, device: str = "cpu") -> dict:
-    """DDPM training (Ho et al. 2020, Alg. 1): eps-prediction MSE, linear betas 1e-4..0.02, T=1000, EMA weights."""
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    x_train, _ = load_digits_split("train", cfg.size)
-    x_train = x_train.to(device)
-    unet = digits_unet(cfg.size).to(device)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    acp = alphas_cumprod_for("linear").float().to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    losses, t0 = [], time.time()
-    bar = tqdm(range(cfg.steps), desc="train digits-ddpm", unit="step", mininterval=5)
-    for step in bar:
-        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=g, device=device)
-        x0 = x_train[idx]
-        t = torch.randint(0, len(acp), (cfg.batch_size,), generator=g, device=device)
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - cfg.ema_decay)
-        losses.append(loss.item())
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
-    wall = time.time() - t0
-    # Loss curve: mean over windows of 100 steps, small enough to commit.
-    curve = [sum(losses[i:i + 100]) / len(losses[i:i + 100]) for i in range(0, len(losses), 100)]
-    out_dir = Path(out_dir)
-    ema.cpu().save_pretrained(out_dir / "unet", safe_serialization=True)
-    meta = {
-        "name": "digits-ddpm",
-        "dataset": "digits",
-        "schedule": {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
-        "sampler": {"kind": "ddim", "steps": 100, "eta": 0.0, "skip": "quad"},
-        "train": {**asdict(cfg), "device": device, "wall_seconds": round(wall, 1), "torch": torch.__version__,
-                  "params": sum(p.numel() for p in unet.parameters()), "final_loss": curve[-1]},
-    }
-    (out_dir / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out_dir / "loss_curve.json").write_text(json.dumps({"window": 100, "loss": curve}) + "\n")
-    return meta
+from bench.models.digits import DIGITS_DIR, DigitsTrainConfig, train_digits
 
 
 @cli_main
@@ -127,7 +36,7 @@ def main(argv=None):
         meta = train_digits(cfg, args.out, args.device)
         print(f"saved {args.out} in {meta['train']['wall_seconds']:.0f}s, final loss {meta['train']['final_loss']:.4f}")
     else:
-        from bench.classifier import train_and_save
+        from bench.metrics.classifier import train_and_save
 
         train_and_save(seed=args.seed)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bench.errors import BenchError
+from eda.errors import BenchError
 from eda.trajectories import CalibSet
 from eda.wrap import unet_kwargs
 

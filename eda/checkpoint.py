@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench.errors import BenchError
+from eda.errors import BenchError
 from eda.policy import BitPolicy
 from eda.wrap import act_quantizers, get_quant_state, quant_layers, quantize_unet, set_quant_state
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.errors import BenchError
+from eda.errors import BenchError
 
 UNCOND_PREFIX = "uncond_"
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
-from bench.errors import BenchError
+from eda.errors import BenchError
 from eda.wrap import QuantAttnProcessor, QuantLayer, attn_processors, get_quant_state, quant_layers
 
 QD = torch.ops.quantized_decomposed

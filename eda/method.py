@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.errors import UsageError
+from eda.errors import UsageError
 from eda.fbr import FBR_GAMMA
 from eda.registry import PTQMethod, Stage, register_method
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from bench.errors import UsageError
+from eda.errors import UsageError
 
 MIN_BITS, MAX_BITS = 2, 16
 _INITS = ("lp", "minmax", "qdiff-max")  # eda.quantizer docstring
@@ -26,13 +26,16 @@ def check_bits(bits: int, what: str = "bits") -> int:
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
-    """'W4A8' -> (4, 8). 'W8A32'-style weight-only specs are not accepted: use set_quant_state(acts=False)."""
+    """'W4A8' -> (4, 8), case and spaces ignored; each width in 2..16. The one parser of bit settings (grids, CLIs,
+    methods); torch-free, so planning a grid needs no torch. 'W8A32'-style weight-only specs are not accepted: use
+    set_quant_state(acts=False)."""
     m = re.fullmatch(r"\s*[Ww](\d+)\s*[Aa](\d+)\s*", str(spec))
     if m is None:
-        raise UsageError(f"bad bit spec {spec!r}; expected W<bits>A<bits> such as W4A8 or W8A8")
+        raise UsageError(f"bad bit setting {spec!r}; expected W<bits>A<bits> (WxAy) with bits in "
+                         f"{MIN_BITS}..{MAX_BITS}, such as W4A8 or W8A8")
     w, a = int(m.group(1)), int(m.group(2))
-    check_bits(w, f"weight bits in {spec!r}")
-    check_bits(a, f"activation bits in {spec!r}")
+    check_bits(w, f"bad bit setting {spec!r}: weight bits")
+    check_bits(a, f"bad bit setting {spec!r}: activation bits")
     return w, a
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.errors import BenchError, UsageError
+from eda.errors import BenchError, UsageError
 from eda.adaround import AdaRoundQuantizer, annealed_b
 from eda.capture import collect_inputs, first_output
 from eda.convergence import plateaued, summarize, window_size
@@ -45,7 +45,7 @@ from eda.wrap import QuantAttnProcessor, QuantLayer, get_quant_state
 class ReconConfig:
     iters: int = 1000  # EDA-DM ImageNet/COCO; CIFAR/LSUN use 5000 (`scripts/sample_*.py` kwargs)
     batch_size: int = 32
-    lr_w: float = 5e-2  # EDA-DM CIFAR W8A8; per setting in bench.zoo
+    lr_w: float = 5e-2  # EDA-DM CIFAR W8A8; per setting in bench.models.zoo
     lr_a: float = 1e-3
     loss: str = "mse"  # "mse" | "fbr" | "lp"
     gamma: float = 0.8  # FBR weight of the inner-layer terms (--add_loss; CIFAR 0.8)

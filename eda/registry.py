@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bench.errors import UsageError
+from eda.errors import UsageError
 
 # Modules that register the built-in methods, imported on the first registry lookup (one line per method file).
 BUILTIN_MODULES = ("eda.method", "baselines.rtn", "baselines.qdiffusion", "baselines.ptq4dm")

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bench.errors import UsageError
+from eda.errors import UsageError
 
 COS_EPS = 1e-6  # nn.CosineSimilarity(dim=1, eps=1e-6) in the official TDAC
 

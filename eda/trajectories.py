@@ -1,6 +1,6 @@
 """Calibration data: full-precision sampling trajectories and the calibration sets drawn from them.
 
-`record_trajectories` runs the same sampler that evaluation uses (bench.sampling through DiffusionModel.generate)
+`record_trajectories` runs the same sampler that evaluation uses (the model's `generate`, bench's sampling loop)
 with hooks and records, per step, the x_t fed to the UNet, t, the per-sample conditioning and the input (or output)
 of any named module (TDAC needs the input of the middle attention at every step, `scripts/calibration.py`). Everything stays on
 CPU (optionally float16) and is spilled to numpy memmaps on disk above `max_bytes`, so one recording serves every
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.errors import BenchError, UsageError
-from bench.sampling import SamplerConfig, StepRecord, timesteps
+from eda.errors import BenchError, UsageError
+from eda.hooks import StepRecord
 
 DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB in RAM, then memmaps
 
@@ -75,7 +75,7 @@ class Trajectories:
     ts: torch.Tensor
     cond: dict[str, torch.Tensor] | None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
-    sampler: SamplerConfig | None = None
+    sampler: dict | None = None  # the sampler's settings as plain data (kind, steps, eta, ...): metadata only
     seed: int = 0
 
     @property
@@ -125,7 +125,7 @@ class Trajectories:
         tensors.update({f"cond.{k}": v.contiguous() for k, v in (self.cond or {}).items()})
         tensors.update({f"feature.{k}": v.contiguous() for k, v in self.features.items()})
         save_file({k: torch.as_tensor(v).clone() for k, v in tensors.items()}, str(d / "trajectories.safetensors"))
-        meta = {"seed": self.seed, "sampler": None if self.sampler is None else vars(self.sampler)}
+        meta = {"seed": self.seed, "sampler": self.sampler}
         (d / "trajectories.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -139,8 +139,7 @@ class Trajectories:
         meta = json.loads((d / "trajectories.json").read_text())
         cond = {k[5:]: v for k, v in t.items() if k.startswith("cond.")} or None
         feats = {k[8:]: v for k, v in t.items() if k.startswith("feature.")}
-        sampler = SamplerConfig(**meta["sampler"]) if meta.get("sampler") else None
-        return cls(t["xs"], t["ts"], cond, feats, sampler, meta.get("seed", 0))
+        return cls(t["xs"], t["ts"], cond, feats, meta.get("sampler") or None, meta.get("seed", 0))
 
 
 def mid_attention_name(unet: nn.Module) -> str:
@@ -186,13 +185,16 @@ def record_trajectories(model, n: int, seed: int, feature_modules=(), batch_size
                         progress: bool = False) -> Trajectories:
     """Run the FP sampler for n trajectories from `seed` and record x_t, t, conditioning and the named features.
 
+    model: a bench DiffusionModel, or anything with its interface (name, unet, sampler, sample_shape, conditioning,
+    timesteps(), generate(..., hooks=)).
+
     feature_modules: module names of model.unet; 'name' or 'name@input' records its first input, 'name@output'
     its output (the first element if it returns a tuple).
     """
     if dtype not in (torch.float16, torch.float32):
         raise UsageError(f"trajectory dtype must be float16 or float32, got {dtype}")
-    sampler = model.sampler
-    S = len(timesteps(sampler, len(model.alphas_cumprod)))
+    sampler = dict(vars(model.sampler))  # a frozen dataclass of plain values (bench's SamplerConfig), kept as data
+    S = len(model.timesteps())  # the steps the model's sampler visits
     shape = (S, n, *model.sample_shape)
     elem = torch.finfo(dtype).bits // 8
     spill: Path | None = None

@@ -17,25 +17,17 @@ from dataclasses import dataclass
 import torch
 
 from bench.models import DiffusionModel, available_models, register_model
-from bench.sampling import SamplerConfig
-from bench.schedule import alphas_cumprod_for
+from bench.models.sampling import SamplerConfig
+from bench.models.schedule import alphas_cumprod_for
 from eda.registry import Method, QuantResult, available_methods, register_method
-
-
-def tiny_unet(seed: int = 0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)
+from tests.conftest import make_tiny_unet  # the one tiny test UNet
 
 
 if "test-tiny" not in available_models():
 
     @register_model("test-tiny")
     def _tiny() -> DiffusionModel:
-        return DiffusionModel(name="test-tiny", unet=tiny_unet().eval(), alphas_cumprod=alphas_cumprod_for("linear"),
+        return DiffusionModel(name="test-tiny", unet=make_tiny_unet(width=8), alphas_cumprod=alphas_cumprod_for("linear"),
                               sampler=SamplerConfig(kind="ddim", steps=4, eta=0.0, skip="uniform"),
                               sample_shape=(1, 8, 8), dataset="digits", source="tests.harness_plugin")
 

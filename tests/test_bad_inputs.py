@@ -65,11 +65,11 @@ def qdir(model_dir, tmp_path_factory):
     from eda.policy import BitPolicy
     from eda.trajectories import CalibSet
     from eda.wrap import init_ranges, quantize_unet
-    from tests.test_methods import tiny_unet
+    from tests.conftest import make_tiny_unet
 
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
-    q = quantize_unet(tiny_unet(), BitPolicy.from_bits("W8A8", w_init="minmax", a_init="minmax"))
+    q = quantize_unet(make_tiny_unet(width=8), BitPolicy.from_bits("W8A8", w_init="minmax", a_init="minmax"))
     init_ranges(q, CalibSet(x, t), batch_size=4)
     d = tmp_path_factory.mktemp("q") / "ck"
     save_quantized(q, d, {"model": str(model_dir), "method": "rtn", "bits": "W8A8"})
@@ -137,14 +137,14 @@ def test_bad_bits_run(bits, capsys, tmp_path):
     ("batch=16", "must start with base"),
 ])
 def test_bad_noise_variants(variants, expect, capsys, tmp_path):
-    from bench.noise import main
+    from bench.studies.noise import main
 
     code, line = call(main, ["--variants", variants, "--out", str(tmp_path)], capsys)
     assert code == 2 and expect in line
 
 
 def test_noise_render_without_a_measurement(capsys, tmp_path):
-    from bench.noise import main
+    from bench.studies.noise import main
 
     code, line = call(main, ["--render-only", "--out", str(tmp_path)], capsys)
     assert code == 1 and "python -m bench.noise" in line
@@ -159,7 +159,7 @@ def test_bad_check_tolerances(argv, expect, capsys, tmp_path):
     import pandas as pd
 
     from bench.check import main
-    from bench.store import empty_row, write_file, write_row
+    from bench.harness.store import empty_row, write_file, write_row
 
     r = empty_row()
     r.update(grid="smoke", model="m", method="fp", bits="FP", seed=0, status="ok", cell_key="k", digits_fid=1.0,
@@ -291,7 +291,7 @@ def test_missing_reference_statistics_offline(model_dir, tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("shape", [(4, 16, 16), (4, 2, 16, 16), (4, 16, 16, 3), (2, 4, 1, 16, 16)])
 def test_metrics_wrong_image_shape(shape):
-    from bench.metrics import evaluate
+    from bench.metrics.score import evaluate
 
     with pytest.raises(UsageError) as e:
         evaluate(torch.zeros(shape), "digits", metrics=("digits_fid",))
@@ -302,7 +302,7 @@ def test_nan_in_reconstruction_cli(model_dir, tmp_path, capsys):
     """NaN through the CLI: a UNet whose weights hold a NaN fails while recording FP trajectories, with one line
     blaming the FP model (not a reconstruction learning rate), exit 1. NaN inside reconstruction naming the unit is
     tests/test_recon.py::test_nan_names_the_unit."""
-    from bench.models import load_unet_dir
+    from bench.models.directory import load_unet_dir
     from bench.quantize import main
 
     bad = tmp_path / "nan-model"
@@ -351,11 +351,11 @@ def test_every_torch_load_is_weights_only():
 def test_artifact_cache_round_trip_is_weights_only(tmp_path):
     """The shared FP artifact cache reads its files with weights_only=True: trajectories and sample dicts come back
     from disk; a file holding any other pickled object is refused with one line naming the file."""
-    from bench.artifacts import ArtifactCache
+    from bench.harness.artifacts import ArtifactCache
     from eda.trajectories import record_trajectories
-    from tests.test_methods import tiny_model
+    from tests.conftest import make_tiny_model
 
-    traj = record_trajectories(tiny_model(steps=2), 2, seed=0, batch_size=2)
+    traj = record_trajectories(make_tiny_model(steps=2, width=8), 2, seed=0, batch_size=2)
     ArtifactCache(tmp_path).get("trajectories", {"a": 1}, lambda: traj)
     ArtifactCache(tmp_path).get("fp_samples", {"a": 1}, lambda: {"x0": torch.ones(2), "seconds": 1.0})
     fresh = ArtifactCache(tmp_path)
@@ -371,7 +371,7 @@ def test_artifact_cache_round_trip_is_weights_only(tmp_path):
 
 
 def test_local_ray_cluster_has_no_dashboard():
-    text = (ROOT / "bench" / "run.py").read_text()
+    text = (ROOT / "bench" / "harness" / "driver.py").read_text()  # start_ray
     inits = re.findall(r"ray\.init\(([^)]*)\)", text)
     local = [a for a in inits if 'address="local"' in a]
     assert local and all("include_dashboard=False" in a for a in local)

@@ -1,12 +1,12 @@
-"""bench.cell: the per-step noise-prediction error reuses the shared FP half and equals the direct computation; the
+"""bench.harness.cell: the per-step noise-prediction error reuses the shared FP half and equals the direct computation; the
 paired per-sample error against FP (mse_vs_fp)."""
 
 import pytest
 import torch
 
-from bench.artifacts import ArtifactCache, model_fingerprint
-from bench.cell import eps_mse_per_step, shared_fp_eps
-from bench.grid import Cell
+from bench.harness.artifacts import ArtifactCache, model_fingerprint
+from bench.harness.cell import eps_mse_per_step, shared_fp_eps
+from bench.harness.grid import Cell
 from bench.models import load_model
 from eda.policy import BitPolicy
 from eda.trajectories import record_trajectories
@@ -40,7 +40,7 @@ def test_reference_split_comes_from_the_model_card(tmp_path, monkeypatch):
     import pytest
     from PIL import Image
 
-    from bench.cell import require_reference
+    from bench.harness.cell import require_reference
     from bench.errors import BenchError
 
     monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path))
@@ -61,19 +61,19 @@ def test_reference_split_comes_from_the_model_card(tmp_path, monkeypatch):
 def test_no_evaluated_sample_starts_from_calibration_or_eps_noise(model_dir, tmp_path, monkeypatch):
     """Every x_T the cell draws is recorded: the evaluated samples (FP and quantized share one stream), the
     calibration trajectories and the held-out eps trajectories must come from pairwise disjoint noise."""
-    import bench.sampling
-    from bench.cell import run_cell
-    from bench.seeds import calib_seed, eps_seed, sample_seed
+    import bench.models.sampling
+    from bench.harness.cell import run_cell
+    from bench.harness.seeds import calib_seed, eps_seed, sample_seed
 
     drawn: dict[int, torch.Tensor] = {}
-    real = bench.sampling.initial_noise
+    real = bench.models.sampling.initial_noise
 
     def spy(n, shape, seed):
         x = real(n, shape, seed)
         drawn[seed] = x
         return x
 
-    monkeypatch.setattr(bench.sampling, "initial_noise", spy)
+    monkeypatch.setattr(bench.models.sampling, "initial_noise", spy)
     model = load_model(str(model_dir))
     cell = Cell("g", model.name, "rtn", "W4A8", 3, 12, overrides={"n_samples": 6}, batch_size=4)
     row, _ = run_cell(model, cell, ArtifactCache(tmp_path), [("rtn", {"n_samples": 6})], {}, "cpu")
@@ -89,7 +89,7 @@ def test_no_evaluated_sample_starts_from_calibration_or_eps_noise(model_dir, tmp
 
 
 def test_mse_vs_fp_is_a_paired_geometric_mean():
-    from bench.cell import mse_vs_fp
+    from bench.harness.cell import mse_vs_fp
 
     g = torch.Generator().manual_seed(0)
     fp = torch.rand(32, 1, 8, 8, generator=g) * 2 - 1

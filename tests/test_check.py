@@ -7,7 +7,7 @@ import pytest
 
 from bench.check import TOLERANCES, compare, main, tolerances_for, window
 from bench.errors import UsageError
-from bench.store import empty_row, read_runs, write_file, write_row
+from bench.harness.store import empty_row, read_runs, write_file, write_row
 
 
 def row(method, bits, seed, fid, cov=0.9, status="ok", key=None, t="2026-01-01"):

@@ -2,8 +2,8 @@
 
 import torch
 
-from bench import classifier
-from bench.data import load_digits_split
+from bench.metrics import classifier
+from bench.metrics.data import load_digits_split
 
 
 def test_committed_classifier_accurate_on_held_out():

@@ -1,4 +1,4 @@
-"""bench.clip_score on a tiny random CLIP saved with save_pretrained (no network)."""
+"""bench.metrics.clip_score on a tiny random CLIP saved with save_pretrained (no network)."""
 
 import string
 
@@ -36,7 +36,7 @@ def tiny_clip(tmp_path):
 def test_clip_score_matches_a_manual_computation(tiny_clip):
     from transformers import CLIPModel, CLIPTokenizer
 
-    from bench.clip_score import clip_score, preprocess
+    from bench.metrics.clip_score import clip_score, preprocess
 
     imgs = torch.rand(3, 3, 40, 48) * 2 - 1
     prompts = ["a cat", "a dog on a bed", "bus"]
@@ -52,7 +52,7 @@ def test_clip_score_matches_a_manual_computation(tiny_clip):
 
 
 def test_clip_score_errors(tiny_clip, monkeypatch, tmp_path):
-    from bench.clip_score import clip_availability, clip_score
+    from bench.metrics.clip_score import clip_availability, clip_score
 
     with pytest.raises(UsageError):
         clip_score(torch.zeros(2, 3, 8, 8), ["one"], model_dir=tiny_clip)

@@ -47,9 +47,9 @@ def test_converged_budget_stops_a_settled_unit_early():
     from eda.trajectories import CalibSet
     from eda.units import reconstruction_units
     from eda.wrap import init_ranges, quantize_unet
-    from tests.test_methods import tiny_unet
+    from tests.conftest import make_tiny_unet
 
-    fp = tiny_unet()
+    fp = make_tiny_unet(width=8)
     g = torch.Generator().manual_seed(0)
     calib = CalibSet(torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 1000, (32,), generator=g))
     runs = {}

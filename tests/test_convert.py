@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.convert import convert, map_unet, read_checkpoint
+from bench.models.compvis import convert, map_unet, read_checkpoint
 from bench.errors import BenchError
 
 torch.set_num_threads(2)
@@ -365,7 +365,7 @@ def test_converted_unet_and_autoencoder_match_the_compvis_layout(tmp_path, kind)
         preset["class_embedder"] = dict(n_classes=11, embed_dim=16)
     out = convert(ckpt, tmp_path / "conv", preset, name=f"tiny-{kind}")
 
-    from bench.zoo import ZOO, _base, _read_unet, apply_attention_heads, _meta  # noqa: F401
+    from bench.models.zoo import ZOO, _base, _read_unet, apply_attention_heads, _meta  # noqa: F401
 
     unet = _read_unet(out / "unet")
     apply_attention_heads(unet, _meta(out).get("attention_heads"))
@@ -406,7 +406,7 @@ def test_ema_weights_are_used_when_present(tmp_path):
     _write_ckpt(ckpt, raw, fs, ema=ema)
     sd = read_checkpoint(ckpt)
     mapped = map_unet(dict(sd), u)  # raw
-    from bench.convert import _ema_state_dict
+    from bench.models.compvis import _ema_state_dict
 
     mapped_ema = map_unet(_ema_state_dict(sd), u)
     assert torch.equal(mapped["conv_in.weight"], raw.input_blocks[0][0].weight)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from eda.registry import get_method
-from tests.test_methods import tiny, tiny_model
+from tests.conftest import tiny
+from tests.test_methods import tiny_model
 from tests.test_tdac import official_allocation
 
 torch.set_num_threads(2)

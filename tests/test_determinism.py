@@ -3,12 +3,12 @@
 Bit-identical (asserted with torch.equal): the same inputs, seed, batch size and thread count, run twice in one
 process. tests/test_methods.py::test_quantize_is_seeded already checks eda-dm with min-max ranges; here the methods
 with every source of randomness switched on (L_p range search, AdaRound, QDrop, NDTC sampling, TDAC), sampling from a
-quantized model, the bench.sample CLI, and a whole harness cell (bench.cell.run_cell) with fresh caches.
+quantized model, the bench.sample CLI, and a whole harness cell (bench.harness.cell.run_cell) with fresh caches.
 
 Up to float noise only (asserted with FLOAT_NOISE_TOL): another batch size or thread count. Both change how the
 kernels split their sums, and on another CPU they round differently anyway, so a quantized model's samples are not
 bit-stable across them (a rounding decision of an activation quantizer can flip). That is why the batch size is part
-of the cell key and the thread count and CPU kernels are recorded with every row (bench.cell.base_row), and why the
+of the cell key and the thread count and CPU kernels are recorded with every row (bench.harness.cell.base_row), and why the
 regression check's windows come from measured float noise (bench/check.py, results/noise.md).
 """
 
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from eda.registry import get_method
-from tests.test_methods import tiny, tiny_model
+from tests.conftest import tiny
+from tests.test_methods import tiny_model
 
 torch.set_num_threads(1)
 
@@ -129,10 +130,10 @@ def test_sample_cli_twice_identical(tmp_path, capsys):
     import json
 
     from bench.sample import main
-    from tests.test_methods import tiny_unet
+    from tests.conftest import make_tiny_unet
 
     d = tmp_path / "m"
-    tiny_unet().save_pretrained(d / "unet")
+    make_tiny_unet(width=8).save_pretrained(d / "unet")
     (d / "bench.json").write_text(json.dumps({"name": "tiny", "dataset": "digits",
                                               "sampler": {"kind": "ddim", "steps": 3, "eta": 0.0, "skip": "quad"}}))
     outs = []
@@ -149,9 +150,9 @@ def test_cell_twice_identical_metrics(tmp_path):
     """A whole harness cell (FP samples, shared trajectories, eda-dm, sampling, digits-FID vs FP) run twice with
     fresh artifact caches gives identical metrics."""
     import tests.harness_plugin  # noqa: F401 - registers test-tiny
-    from bench.artifacts import ArtifactCache
-    from bench.cell import run_cell
-    from bench.grid import Cell
+    from bench.harness.artifacts import ArtifactCache
+    from bench.harness.cell import run_cell
+    from bench.harness.grid import Cell
     from bench.models import load_model
 
     over = tiny("eda-dm", n_samples=4, iters=1, w_init="minmax", a_init="minmax")
@@ -174,7 +175,7 @@ def test_cell_twice_identical_metrics(tmp_path):
 
 def test_cell_key_includes_batch_size():
     """Results move with the batch size (above), so resume must not treat a batch-32 row as the batch-64 cell."""
-    from bench.grid import Cell
+    from bench.harness.grid import Cell
 
     a = Cell(grid="t", model="m", method="rtn", bits="W4A8", seed=0, samples=8, batch_size=8)
     assert Cell(**{**a.to_dict(), "batch_size": 4}).key != a.key

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench import evaluate as ev
-from bench.models import DIGITS_DIR
+from bench.models.digits import DIGITS_DIR
 
 
 def test_help_documents_flags(capsys):
@@ -61,7 +61,7 @@ def test_bad_flags_are_usage_errors(capsys):
 def test_committed_checkpoint_makes_recognisable_digits():
     """The real quality assertion: 64 samples from the committed digits-ddpm with its own sampler (DDIM 100 quad)
     are recognised by the held-out-validated classifier with high confidence and cover all ten digits."""
-    from bench import classifier
+    from bench.metrics import classifier
     from bench.models import load_model
 
     model = load_model("digits-ddpm")
@@ -75,13 +75,14 @@ def test_committed_checkpoint_makes_recognisable_digits():
 
 def test_write_card_tiny(tmp_path):
     """The card writer on a tiny model with made-up metrics: markdown table, sample grid, timing line."""
+    from bench.studies.model_card import write_card
     from tests.conftest import make_tiny_model
 
     model = make_tiny_model(steps=2)
     images = torch.rand(8, 1, 8, 8) * 2 - 1
     m = {"fid": 12.3, "kid": 0.01, "is": float("nan"), "digits_fid": 4.5, "digits_coverage": 0.9}
-    path = ev.write_card(model, tmp_path / "tiny.md", 8, 0, m, m, m, 1.5, images, "python -m bench.evaluate", 1,
-                         load=3.0)
+    path = write_card(model, tmp_path / "tiny.md", 8, 0, m, m, m, 1.5, images, "python -m bench.evaluate", 1,
+                      load=3.0)
     text = path.read_text()
     assert "| FID (Inception) | 12.300 |" in text and "Inception Score is n/a" in text
     assert "load average 3.0" in text and (tmp_path / "tiny-samples.png").is_file()

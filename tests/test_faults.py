@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.errors import BenchError
-from bench.store import partition_dir, read_runs, remove_stale_temps, write_row
+from bench.harness.store import partition_dir, read_runs, remove_stale_temps, write_row
 from tests.conftest_ray import REPO, ray_session  # noqa: F401 - the session-wide Ray cluster
 from tests.test_run import run
 from tests.test_run import write_grid as _write_grid
@@ -135,7 +135,7 @@ def test_disk_full_mid_grid_stops_then_resumes(ray_session, tmp_path, monkeypatc
 def test_oom_errors_are_one_line_with_the_fix():
     import torch
 
-    from bench.cell import format_error
+    from bench.harness.cell import format_error
 
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nIf reserved but unallocated ...")
     cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.")
@@ -151,7 +151,7 @@ def test_oom_errors_are_one_line_with_the_fix():
 def test_a_worker_killed_for_memory_says_so():
     """A process killed by the kernel's OOM killer or Ray's memory monitor leaves no Python error; its failed row
     still names memory as the likely cause and the fix (the grid-level path is test_run's test-abort cell)."""
-    from bench.worker import crash_message
+    from bench.harness.worker import crash_message
 
     killed = crash_message(2, RuntimeError("worker exited unexpectedly"))
     monitor = crash_message(1, RuntimeError("Task was killed due to the node running low on memory. Memory on ..."))
@@ -182,7 +182,7 @@ def test_oom_cell_fails_alone_and_the_worker_keeps_serving(ray_session, tmp_path
 
 
 def test_reference_available_reads_no_images(tmp_path, monkeypatch):
-    from bench.metrics import reference_available
+    from bench.metrics.reference import reference_available
 
     monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
@@ -210,9 +210,9 @@ def test_reference_available_reads_no_images(tmp_path, monkeypatch):
 def test_missing_reference_fails_before_sampling(tmp_path, monkeypatch):
     import torch
 
-    from bench.artifacts import ArtifactCache
-    from bench.cell import run_cell
-    from bench.grid import Cell
+    from bench.harness.artifacts import ArtifactCache
+    from bench.harness.cell import run_cell
+    from bench.harness.grid import Cell
     from bench.models import DiffusionModel, load_model
 
     import eda.trajectories
@@ -243,12 +243,14 @@ def test_missing_reference_fails_before_sampling(tmp_path, monkeypatch):
 
 
 def test_driver_fails_missing_reference_before_ray(tmp_path, monkeypatch):
-    import bench.run
+    import bench.harness.driver
+    import bench.harness.plan
 
     monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(bench.run, "model_reference", lambda name: ("nodata", None))  # as a zoo model would say
-    monkeypatch.setattr(bench.run, "start_ray", lambda address: pytest.fail("Ray started for cells that cannot run"))
+    monkeypatch.setattr(bench.harness.plan, "model_reference", lambda name: ("nodata", None))  # as a zoo model would say
+    monkeypatch.setattr(bench.harness.driver, "start_ray",
+                        lambda address: pytest.fail("Ray started for cells that cannot run"))
     grid = write_grid(tmp_path, ["fp", "test-ok"], metrics=("fid", "fid_vs_fp"))
     out = tmp_path / "out"
     assert run("--grid", grid, "--out", str(out)) == 1
@@ -325,7 +327,7 @@ def ports_of(pid: int, listening: dict[int, int]) -> set[int]:
 
 CLUSTER = """
 import os, sys
-from bench.run import start_ray
+from bench.harness.driver import start_ray
 assert start_ray(None)
 print(os.getpid(), flush=True)
 sys.stdin.readline()
@@ -420,8 +422,8 @@ def test_driver_checks_the_zoo_split(tmp_path, monkeypatch):
     """Stable Diffusion's FID reference is COCO val2014 (its zoo card): images under coco/train do not count."""
     from PIL import Image
 
-    from bench.grid import Cell
-    from bench.run import reference_status
+    from bench.harness.grid import Cell
+    from bench.harness.plan import reference_status
 
     monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))

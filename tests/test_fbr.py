@@ -13,9 +13,9 @@ torch.set_num_threads(2)
 def qunet():
     from eda.policy import BitPolicy
     from eda.wrap import quantize_unet
-    from tests.test_methods import tiny_unet
+    from tests.conftest import make_tiny_unet
 
-    return quantize_unet(tiny_unet(), BitPolicy.from_bits("W4A8"))
+    return quantize_unet(make_tiny_unet(width=8), BitPolicy.from_bits("W4A8"))
 
 
 def test_resnet_without_shortcut_conv_uses_conv1_and_temb(qunet):

@@ -3,7 +3,7 @@
 import pytest
 
 from bench.errors import UsageError
-from bench.grid import Cell, apply_overrides, available_grids, load_grid, parse_bits
+from bench.harness.grid import Cell, apply_overrides, available_grids, cell_bits, load_grid
 from eda.registry import parse_overrides
 
 GRID = """
@@ -78,8 +78,18 @@ def test_command_line_overrides(grid_file):
 
 @pytest.mark.parametrize("bad", ["W1A8", "W4", "8bit", "W4A17"])
 def test_bad_bits(bad):
+    with pytest.raises(UsageError, match="bad bit setting .* 2..16"):
+        cell_bits(bad)
+
+
+def test_cell_bits_read_the_one_parser():
+    """A cell's bits go through eda.policy.parse_bits (the one parser); FP is the harness's own label."""
+    from eda.policy import parse_bits
+
+    assert cell_bits("FP") == (32, 32)
+    assert cell_bits("W4A8") == parse_bits("W4A8") == (4, 8)
     with pytest.raises(UsageError, match="WxAy"):
-        parse_bits(bad)
+        cell_bits("W4")
 
 
 def test_bad_grid_files(tmp_path):

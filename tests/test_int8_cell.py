@@ -1,4 +1,4 @@
-"""Grid metrics int8_latency_ms / int8_speedup (bench/int8_cell.py) and the report's quality-vs-speed-up plot."""
+"""Grid metrics int8_latency_ms / int8_speedup (bench/harness/int8_cell.py) and the report's quality-vs-speed-up plot."""
 
 import math
 
@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.grid import Cell
-from bench.int8_cell import INT8_METRICS, int8_metrics
+from bench.harness.grid import Cell
+from bench.harness.int8_cell import int8_metrics
+from bench.metrics.names import INT8_METRICS
 from eda.policy import BitPolicy
 from eda.trajectories import CalibSet
 from eda.wrap import init_ranges, quantize_unet
@@ -39,7 +40,7 @@ def test_int8_metrics_nan_when_the_model_cannot_run(tiny_model):
 
 
 def test_report_plots_quality_against_speedup(tmp_path):
-    from bench.report import _speed_figure
+    from bench.reporting.plots import _speed_figure
 
     rows = []
     for meth, bits, fid, sp in (("rtn", "W8A8", 30.0, 1.9), ("eda-dm", "W8A8", 25.0, 1.9), ("rtn", "W4A8", 60.0, 1.8)):

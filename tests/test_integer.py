@@ -185,9 +185,9 @@ def test_unsupported_is_one_line_naming_the_layer(tiny_unet):
 
 def test_cli_export_sample_and_errors(model_dir, tmp_path, capsys):
     from bench import export, sample
-    from tests.test_methods import tiny_unet
+    from tests.conftest import make_tiny_unet
 
-    unet = tiny_unet()
+    unet = make_tiny_unet(width=8)
     q = quantize_unet(unet, BitPolicy.from_bits("W8A8", **FAST))
     x, t, _ = _inputs(unet)
     init_ranges(q, CalibSet(x, t), batch_size=4)
@@ -237,7 +237,8 @@ def test_x86_inductor_parity(tiny_unet):
 def test_exported_w8a8_digits_samples_are_digits(tmp_path):
     """digits-ddpm, round-to-nearest W8A8, exported and sampled on int8 kernels: the classifier sees digits of every
     class, and the samples stay as close to FP's as the fake-quant model's do."""
-    from bench import classifier, export, sample
+    from bench import export, sample
+    from bench.metrics import classifier
     from bench.models import load_model
     from eda.integer import load_for_backend
 

@@ -1,4 +1,5 @@
-"""Method registry, knob resolution and every method end to end on a tiny random UNet (seconds each)."""
+"""Method registry, knob resolution, calibration selection and method-specific behaviour on a tiny random UNet
+(seconds each); every method end to end: tests/test_contract.py."""
 
 from dataclasses import replace
 
@@ -7,36 +8,17 @@ import torch
 
 from bench.errors import UsageError
 from bench.models import DiffusionModel
-from bench.sampling import SamplerConfig
-from bench.schedule import alphas_cumprod_for
 from eda.registry import available_methods, get_method, parse_overrides
+from tests.conftest import make_tiny_model, tiny
 
 torch.set_num_threads(2)
 
 ALL = ["fp", "rtn", "ptq4dm", "qdiffusion", "eda-dm", "eda-dm:tdac-only", "eda-dm:fbr-only"]
-# tiny budgets for every method: a few iterations, small calibration sets (all knobs the official scripts set)
-TINY = {
-    "rtn": {"n_samples": 8, "init_batch": 8},
-    "ptq4dm": {"n_samples": 8, "iters": 2, "batch_size": 4, "init_batch": 8},
-    "qdiffusion": {"cali_st": 2, "cali_n": 4, "iters": 2, "iters_a": 2, "batch_size": 4, "init_batch": 8},
-    "eda-dm": {"n_samples": 8, "iters": 2, "batch_size": 4, "init_batch": 8},
-}
-
-
-def tiny_unet(seed: int = 0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D",
-                                                                                            "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=8).eval()
 
 
 def tiny_model(seed: int = 0, steps: int = 6) -> DiffusionModel:
-    return DiffusionModel(name="tiny", unet=tiny_unet(seed), alphas_cumprod=alphas_cumprod_for("linear"),
-                          sampler=SamplerConfig(kind="ddim", steps=steps, eta=0.0, skip="quad"),
-                          sample_shape=(1, 8, 8), dataset="digits")
+    """The method tests' model: the tiny UNet at width 8 (tests/conftest.py) with a 6-step quad DDIM sampler."""
+    return make_tiny_model(steps=steps, seed=seed, width=8)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +31,6 @@ def trajectories(model):
     from eda.trajectories import mid_attention_name, record_trajectories
 
     return record_trajectories(model, 12, seed=123, feature_modules=(mid_attention_name(model.unet),), batch_size=24)
-
-
-def tiny(name: str, **extra) -> dict:
-    return {**TINY.get(name.split(":")[0], {}), **extra}
 
 
 # ---- registry and knobs -------------------------------------------------------------------------------------------
@@ -157,29 +135,7 @@ def test_too_few_trajectories(model, trajectories):
         get_method("eda-dm").quantize(model, "W4A8", trajectories, overrides={"n_samples": 1000})
 
 
-# ---- end to end ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ALL)
-def test_method_end_to_end(name, model, trajectories):
-    from eda.wrap import get_quant_state, quant_layers
-
-    res = get_method(name).quantize(model, "W4A8", trajectories, seed=0, overrides=tiny(name), progress=False)
-    info = res.info
-    assert {"calib_size", "allocation", "quant_seconds", "config"} <= set(info)
-    x = torch.randn(4, 1, 8, 8)
-    t = torch.full((4,), 500, dtype=torch.long)
-    with torch.no_grad():
-        out = res.unet(x, t).sample
-        ref = model.unet(x, t).sample
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    if name == "fp":
-        assert res.unet is model.unet and info["calib_size"] == 0
-        return
-    assert len(quant_layers(res.unet)) > 0 and get_quant_state(res.unet) == (True, True)
-    assert not torch.equal(out, ref)  # 4-bit weights change the output
-    assert len(quant_layers(model.unet)) == 0  # the FP model is untouched
-    assert info["calib_size"] > 0
-
-
+# ---- end to end (every method on the tiny UNet: tests/test_contract.py) -----------------------------------------
 def test_ptq4dm_official_scripts_skip_reconstruction(model, trajectories):
     res = get_method("ptq4dm").quantize(model, "W8A8", trajectories, overrides=tiny("ptq4dm", official_scripts=True),
                                         progress=False)
@@ -228,7 +184,6 @@ def test_guided_models_calibrate_on_both_guidance_branches(monkeypatch):
 
     from eda.guidance import pair_calibration
     from eda.trajectories import record_trajectories
-    from tests.conftest import make_tiny_model
 
     model = make_tiny_model(cond=True, steps=4)
     base = model.conditioning
@@ -261,7 +216,7 @@ def test_stable_diffusion_softmax_bits_per_method():
     """EDA-DM's for_coco.sh: --sm_abit 8; Q-Diffusion's txt2img command: --sm_abit 16, no --a_sym."""
     import types
 
-    from bench.zoo import ZOO
+    from bench.models.zoo import ZOO
 
     sd = types.SimpleNamespace(defaults=ZOO["sd-v1-4"].defaults)
     assert get_method("eda-dm").configure(sd, "W4A8").softmax_bits == 8

@@ -3,19 +3,15 @@
 import pytest
 import torch
 
-from bench.data import load_digits_split, to_uint8_rgb
+from bench.metrics.data import load_digits_split, to_uint8_rgb
 from bench.errors import BenchError, UsageError
 from bench.models import available_models, load_model
+from tests.conftest import make_tiny_unet
 
 
 @pytest.fixture()
 def saved_tiny_unet(tmp_path):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
+    unet = make_tiny_unet(width=16)
     unet.save_pretrained(tmp_path / "m" / "unet")
     return tmp_path / "m", unet
 

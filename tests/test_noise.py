@@ -6,17 +6,17 @@ import math
 import pandas as pd
 import pytest
 
-from bench.check import window
+from bench.reporting.regression import window
 from bench.errors import UsageError
-from bench.noise import (BASE, SEEDS, Variant, float_deltas, main, parse_variant, parse_variants, read_rows, render,
+from bench.studies.noise import (BASE, SEEDS, Variant, float_deltas, main, parse_variant, parse_variants, read_rows, render,
                          spreads, variant_checks)
-from bench.store import empty_row
+from bench.harness.store import empty_row
 
 
 def test_parse_variants():
     v = parse_variant("threads=2+batch=32+isa=avx2+onednn=off")
     assert (v.threads, v.batch, v.isa, v.onednn) == (2, 32, "avx2", False)
-    assert v.run_args() == ["--cpus-per-worker", "2", "--batch-size", "32", "--import", "bench.nomkldnn"]
+    assert v.run_args() == ["--cpus-per-worker", "2", "--batch-size", "32", "--import", "bench.harness.nomkldnn"]
     assert v.env()["ATEN_CPU_CAPABILITY"] == "avx2" and v.env()["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     assert v.kind == "float" and Variant(BASE).kind == BASE and Variant(SEEDS, seeds=(2,)).kind == SEEDS
     assert [x.name for x in parse_variants("base,repeat,batch=16")] == ["base", "repeat", "batch=16"]
@@ -109,7 +109,7 @@ def test_end_to_end_tiny_grid(tmp_path):
 def test_a_variant_that_did_not_reach_the_workers_is_an_error():
     """An env variable that never reached the Ray workers would measure nothing and look like perfect stability."""
     from bench.errors import BenchError
-    from bench.noise import _check_applied
+    from bench.studies.noise import _check_applied
 
     rows = synthetic()
     _check_applied(Variant(BASE), rows)

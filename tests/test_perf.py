@@ -1,10 +1,13 @@
-"""bench.perf: the benchmark's building blocks count what they claim to (the timings themselves are not tested)."""
+"""bench.perf (bench/studies/perf_*.py): the benchmark's building blocks count what they claim to (the timings
+themselves are not tested)."""
 
 import pandas as pd
 import pytest
 import torch
 
 from bench import perf
+from bench.harness.timing import alternate
+from bench.studies import perf_figures, perf_page
 
 torch.set_num_threads(1)
 
@@ -16,11 +19,11 @@ def _forward_counter(module):
 
 
 def test_official_scheme_runs_three_unit_forwards_and_ours_one(tiny_unet):
-    calib = perf._calib(tiny_unet, 4)
-    q = perf._quantized(tiny_unet, "W4A8", calib)
-    units = perf._units_by_kind(q)
+    calib = perf_figures._calib(tiny_unet, 4)
+    q = perf_figures._quantized(tiny_unet, "W4A8", calib)
+    units = perf_figures._units_by_kind(q)
     assert {"resnet", "attention", "layer"} <= set(units)
-    ub = perf._UnitBench(q, tiny_unet, units["resnet"], calib, 4)
+    ub = perf_figures._UnitBench(q, tiny_unet, units["resnet"], calib, 4)
     assert ub.inner  # FBR inner layers are tapped
     q_calls, hq = _forward_counter(ub.unit.module)
     fp_calls, hf = _forward_counter(ub.fp_unit)
@@ -39,31 +42,31 @@ def test_official_scheme_runs_three_unit_forwards_and_ours_one(tiny_unet):
 
 def test_alternate_interleaves_and_row_ratios():
     order = []
-    t = perf.alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=2, warmup=1)
+    t = alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=2, warmup=1)
     assert order == ["a", "b"] * 3 and set(t) == {"a", "b"}
-    up = perf.row("x", "c", "base", 4.0, "ours", 2.0, "speedup", 2.0)
+    up = perf_figures.row("x", "c", "base", 4.0, "ours", 2.0, "speedup", 2.0)
     assert up["ratio"] == 2.0 and up["target_met"] is True
-    over = perf.row("x", "c", "base", 1.0, "ours", 1.5, "overhead", 1.3)
+    over = perf_figures.row("x", "c", "base", 1.0, "ours", 1.5, "overhead", 1.3)
     assert over["ratio"] == 1.5 and over["target_met"] is False
-    assert perf.row("x", "c", "b", 1.0, "o", 1.0, "speedup")["target_met"] is None
+    assert perf_figures.row("x", "c", "b", 1.0, "o", 1.0, "speedup")["target_met"] is None
 
 
 def test_fast_path_switch_restores_flags():
     import eda.quantizer
     import eda.wrap
 
-    with perf.fast_path(False):
+    with perf_figures.fast_path(False):
         assert not eda.quantizer.FUSED_INFERENCE and not eda.wrap.CACHE_QUANT_WEIGHTS
     assert eda.quantizer.FUSED_INFERENCE and eda.wrap.CACHE_QUANT_WEIGHTS
 
 
 def test_page_and_parquet(tmp_path):
-    rows = [perf.row("sampling", "digits W8A8", "FP", 1.0, "fake-quant", 1.2, "overhead", 1.3),
-            perf.row("ray", "4 cells, 2 worker(s)", "1 worker", 10.0, "2 workers", 6.0, "speedup", None,
+    rows = [perf_figures.row("sampling", "digits W8A8", "FP", 1.0, "fake-quant", 1.2, "overhead", 1.3),
+            perf_figures.row("ray", "4 cells, 2 worker(s)", "1 worker", 10.0, "2 workers", 6.0, "speedup", None,
                      workers=2, efficiency=10 / 6 / 2)]
     env = {"command": "python -m bench.perf", "device": "CPU", "cpus": 2, "threads": 1, "versions": {"torch": "x"},
            "git_commit": "abc", "time": "now", "load_average": 0.5}
-    perf.write(rows, env, tmp_path / "perf" / "perf.parquet", tmp_path / "perf.md")
+    perf_page.write(rows, env, tmp_path / "perf" / "perf.parquet", tmp_path / "perf.md")
     df = pd.read_parquet(tmp_path / "perf" / "perf.parquet")
     assert list(df.figure) == ["sampling", "ray"] and df.ratio.tolist() == pytest.approx([1.2, 10 / 6])
     page = (tmp_path / "perf.md").read_text()
@@ -82,10 +85,12 @@ def test_a_later_only_run_keeps_the_other_figures(tmp_path):
     env = {"command": "python -m bench.perf", "device": "CPU", "cpus": 2, "threads": 1, "versions": {},
            "git_commit": "abc", "time": "t1", "load_average": 1.0}
     pq, page = tmp_path / "perf" / "perf.parquet", tmp_path / "perf.md"
-    perf.write([perf.row("sampling", "a", "FP", 1.0, "fq", 1.2, "overhead", 1.3)], env, pq, page)
-    perf.write([perf.row("ray", "b", "1 worker", 2.0, "2 workers", 1.0, "speedup", None, workers=2, efficiency=1.0)],
+    perf_page.write([perf_figures.row("sampling", "a", "FP", 1.0, "fq", 1.2, "overhead", 1.3)], env, pq, page)
+    perf_page.write([perf_figures.row("ray", "b", "1 worker", 2.0, "2 workers", 1.0, "speedup", None, workers=2,
+                                      efficiency=1.0)],
                {**env, "command": "python -m bench.perf --only ray", "time": "t2"}, pq, page)
-    perf.write([perf.row("sampling", "c", "FP", 1.0, "fq", 1.1, "overhead", 1.3)], {**env, "time": "t3"}, pq, page)
+    perf_page.write([perf_figures.row("sampling", "c", "FP", 1.0, "fq", 1.1, "overhead", 1.3)], {**env, "time": "t3"},
+                    pq, page)
     df = pd.read_parquet(pq)
     assert sorted(zip(df.figure, df.case, df.time)) == [("ray", "b", "t2"), ("sampling", "c", "t3")]
     text = page.read_text()

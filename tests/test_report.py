@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.cell import sample_grid_png
-from bench.report import aggregate, bits_order, main, mean_ci, model_table
-from bench.store import empty_row, write_row
+from bench.harness.cell import sample_grid_png
+from bench.report import main
+from bench.reporting.tables import aggregate, bits_order, mean_ci, model_table
+from bench.harness.store import empty_row, write_row
 
 
 def make_store(root):
@@ -63,7 +64,7 @@ def test_report_tables_and_plots(tmp_path, capsys):
 
 def test_latex_escapes_and_empty_store(tmp_path):
     make_store(tmp_path / "runs")
-    from bench.store import read_runs
+    from bench.harness.store import read_runs
 
     df = read_runs(tmp_path / "runs")
     df = df[df["status"] == "ok"]

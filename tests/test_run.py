@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bench.run import main
-from bench.store import read_runs
+from bench.harness.store import read_runs
 from tests.conftest_ray import ray_session  # noqa: F401 - the session-wide Ray cluster
 
 PLUGIN = "tests.harness_plugin"
@@ -128,7 +128,7 @@ def test_dry_run_counts_each_block_of_a_repeated_model(tmp_path, capsys):
 
 
 def test_unavailable_model_fails_fast(tmp_path, capsys):
-    from bench.zoo import model_availability
+    from bench.models.zoo import model_availability
 
     if model_availability("cifar10-ddim")[0]:
         pytest.skip("cifar10-ddim weights are present on this machine")

@@ -5,18 +5,14 @@ import pytest
 import torch
 
 from bench.errors import UsageError
-from bench.sampling import SamplerConfig, sample, sample_batch, timesteps
-from bench.schedule import alphas_cumprod_for
+from bench.models.sampling import SamplerConfig, sample, sample_batch, timesteps
+from bench.models.schedule import alphas_cumprod_for
+from tests.conftest import make_tiny_unet
 
 
 @pytest.fixture(scope="module")
 def tiny_unet():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, attention_head_dim=8).eval()
+    return make_tiny_unet(width=16)
 
 
 def eps_of(unet):

@@ -6,7 +6,7 @@ import os
 import pandas as pd
 import pytest
 
-from bench.store import SCHEMA, done_keys, empty_row, partition_dir, read_file, read_runs, write_file, write_row
+from bench.harness.store import SCHEMA, done_keys, empty_row, partition_dir, read_file, read_runs, write_file, write_row
 
 
 def make_row(key="k0", method="eda-dm:tdac-only", seed=0, status="ok", fid=1.0, time=None, grid="g"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.errors import UsageError
-from bench.sampling import initial_noise
+from bench.models.sampling import initial_noise
 from eda.trajectories import CalibSet, Trajectories, mid_attention_name, record_trajectories
 
 torch.set_num_threads(2)

@@ -1,4 +1,4 @@
-"""bench.zoo: every paper-model family loads through the registry's real path from a folder of tiny random models
+"""bench.models.zoo: every paper-model family loads through the registry's real path from a folder of tiny random models
 of the same structure (save_pretrained, no network), samples with the official sampler kind, and runs calibration
 + a method + sampling + metrics end to end."""
 
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.models import available_models, load_model, split_guidance
-from bench.sampling import SamplerConfig, sample_batch, timesteps
-from bench.schedule import alphas_cumprod_for
-from bench.zoo import ENV_CAPTIONS, ENV_MODELS, ZOO, model_availability
+from bench.models import available_models, load_model
+from eda.guidance import split_guidance
+from bench.models.sampling import SamplerConfig, sample_batch, timesteps
+from bench.models.schedule import alphas_cumprod_for
+from bench.models.zoo import ENV_CAPTIONS, ENV_MODELS, ZOO, model_availability
 
 torch.set_num_threads(2)
 
@@ -25,7 +26,7 @@ except ImportError:
 needs_transformers = pytest.mark.skipif(not HAVE_TRANSFORMERS,
                                         reason="SD needs transformers (CLIP text encoder): pip install -e '.[sd]'")
 
-# Tiny CompVis-style UNet configs (bench.convert.build_unet builds the same diffusers classes as the real presets).
+# Tiny CompVis-style UNet configs (bench.models.compvis.build_unet builds the same diffusers classes as the real presets).
 TINY_UNETS = {
     "lsun-bedroom-ldm4": dict(image_size=8, in_channels=3, out_channels=3, model_channels=32,
                               attention_resolutions=(2,), num_res_blocks=1, channel_mult=(1, 2), num_head_channels=16),
@@ -42,19 +43,16 @@ CAPTIONS = ["a cat on a mat", "two dogs", "a red bus in the street", "a plate of
 
 
 def _save_pixel(root):
-    from diffusers import UNet2DModel
+    from tests.conftest import make_tiny_unet
 
-    torch.manual_seed(0)
     # The hub repo google/ddpm-cifar10-32 keeps the UNet at the folder root.
-    UNet2DModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=8).save_pretrained(root)
+    make_tiny_unet(channels=3).save_pretrained(root)
 
 
 def _save_compvis(root, name):
     from safetensors.torch import save_file
 
-    from bench.convert import build_autoencoder, build_unet
+    from bench.models.compvis import build_autoencoder, build_unet
 
     torch.manual_seed(0)
     u = TINY_UNETS[name]
@@ -265,7 +263,7 @@ E2E = [("cifar10-ddim", "rtn"), pytest.param("sd-v1-4", "rtn", marks=[pytest.mar
 @pytest.mark.parametrize(("name", "method_name"), E2E)
 def test_end_to_end_calibrate_quantize_sample_evaluate(isolated, name, method_name):
     pytest.importorskip("eda.recon", reason="the quantization core (eda.recon) has not landed yet")
-    from bench.metrics import evaluate
+    from bench.metrics.score import evaluate
     from eda.registry import get_method
     from eda.trajectories import record_trajectories
 

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BenchError, cli_main
-from bench.report import lower_is_better, mean_ci
-from bench.store import read_file, read_runs, runs_dir, write_file
+from bench.metrics.names import lower_is_better
+from bench.reporting.tables import mean_ci
+from bench.harness.store import read_file, read_runs, runs_dir, write_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = ROOT / "results" / "fidelity"

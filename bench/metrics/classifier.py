@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data import DEFAULT_SIZE, load_digits_split
+from bench.metrics.data import DEFAULT_SIZE, load_digits_split
 from bench.errors import BenchError, UsageError
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # bench/assets
 WEIGHTS = ASSETS / "digits-classifier.safetensors"
 CARD = ASSETS / "digits-classifier.json"
 NUM_CLASSES = 10
@@ -148,7 +148,7 @@ def load_classifier(path: str | Path = WEIGHTS) -> DigitsCNN:
 
 
 def _as_digits(images: torch.Tensor) -> torch.Tensor:
-    """Images [N, 1|3, H, W] in [-1, 1] -> [N, 1, 16, 16] (grey = channel mean; bilinear resize as bench.data)."""
+    """Images [N, 1|3, H, W] in [-1, 1] -> [N, 1, 16, 16] (grey = channel mean; bilinear resize as bench.metrics.data)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise UsageError(f"expected an image tensor of shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
     x = images.detach().float().cpu().clamp(-1, 1)
@@ -183,7 +183,7 @@ def reference_stats(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 
 def digits_fid(images: torch.Tensor, split: str = "test") -> float:
     """Fréchet distance between the classifier features of `images` and of the digits `split`."""
-    from bench.metrics import frechet
+    from bench.metrics.distances import frechet
 
     f = features(images)
     mu, sigma = reference_stats(split)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ray
 
-from bench.grid import Cell
+from bench.harness.grid import Cell
 
 MAX_RESTARTS = 3  # per actor; after that the driver replaces the actor (bounded by MAX_REPLACEMENTS)
 MAX_REPLACEMENTS = 4
@@ -48,15 +48,15 @@ class CellWorker:
         return os.getpid()
 
     def run(self, cell_dict: dict, requests: list, context: dict, cache_root: str) -> dict:
-        from bench.artifacts import ArtifactCache
-        from bench.cell import failed_row, format_error, format_traceback, is_out_of_memory, run_cell
+        from bench.harness.artifacts import ArtifactCache
+        from bench.harness.cell import failed_row, format_error, format_traceback, is_out_of_memory, run_cell
 
         if self.cache is None or str(self.cache.root) != str(cache_root):
             self.cache = ArtifactCache(cache_root)
 
         cell = Cell.from_dict(cell_dict)
         buf = io.StringIO()
-        log = logging.getLogger(f"bench.cell.{os.getpid()}")
+        log = logging.getLogger(f"bench.harness.cell.{os.getpid()}")
         log.handlers[:] = [logging.StreamHandler(buf)]
         log.handlers[0].setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.setLevel(logging.INFO)
@@ -96,7 +96,7 @@ class CellWorker:
     def _load(self, name: str):
         import torch
 
-        from bench.models import load_model
+        from bench.models.registry import load_model
 
         self.model = None
         if self.device == "cuda":
@@ -284,7 +284,7 @@ class Dispatcher:
             self.progress.finished(ok, cell.label(), result["row"]["error"])
 
     def _fail_without_running(self, cell: Cell, error: str, attempts: int) -> None:
-        from bench.cell import failed_row
+        from bench.harness.cell import failed_row
 
         if self.progress:
             self.progress.started()
@@ -301,7 +301,7 @@ def _sampler_key(sampler) -> str:
 def write_result(out: Path, cell: Cell, result: dict, attempts: int) -> Path:
     """Store one finished cell: its Parquet row, its PNG sample grid and its log (the driver is the only writer).
     The row goes last: a cell is in the store only once its PNG and log are. Disk full: one-line BenchError."""
-    from bench.store import partition_dir, runs_dir, write_atomic, write_row
+    from bench.harness.store import partition_dir, runs_dir, write_atomic, write_row
 
     root = runs_dir(out)
     row = dict(result["row"])

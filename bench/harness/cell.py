@@ -10,8 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import platform
 import resource
 import time
 import traceback
@@ -20,13 +18,15 @@ from typing import Any
 
 import torch
 
-from bench.artifacts import ArtifactCache, model_fingerprint
+from bench.harness.artifacts import ArtifactCache, model_fingerprint
 from bench.errors import BenchError
-from bench.grid import FP_METHOD, Cell
-from bench.int8_cell import INT8_METRICS, int8_metrics
-from bench.sampling import SamplerConfig
-from bench.seeds import calib_seed, eps_seed, sample_seed
-from bench.store import DISK_FULL, METRICS, empty_row
+from bench.harness.grid import FP_METHOD, Cell
+from bench.harness.int8_cell import int8_metrics
+from bench.harness.provenance import cpu_kernels, host, package_versions
+from bench.models.sampling import SamplerConfig
+from bench.harness.seeds import calib_seed, eps_seed, sample_seed
+from bench.harness.store import DISK_FULL, empty_row
+from bench.metrics.names import HARNESS_METRICS, METRICS, VS_FP
 
 EPS_MSE_SAMPLES = 8  # held-out trajectories for the per-step noise-prediction error vs FP (cheap: one batched pass)
 SAMPLE_GRID = 16  # images per cell in the saved PNG sample grid
@@ -44,18 +44,6 @@ def available_methods() -> list[str]:
     except ImportError:
         return [FP_METHOD]
     return list(_avail())
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("eda-bench", "torch", "diffusers", "ray", "numpy", "pyarrow", "clean-fid"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def with_sampler(model, sampler: dict | None):
@@ -77,7 +65,7 @@ def calibration_union(model, requests: list[tuple[str, dict]]) -> tuple[int, lis
 
 
 def trajectory_spec(model, fp: str, cell: Cell, requests) -> dict:
-    """Calibration trajectories: from the cell's calibration noise stream (bench.seeds), never the sampling one."""
+    """Calibration trajectories: from the cell's calibration noise stream (bench.harness.seeds), never the sampling one."""
     n, feats = calibration_union(model, requests)
     return {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
             "seed": calib_seed(cell.seed), "n": n, "features": feats,
@@ -175,33 +163,18 @@ def mse_vs_fp(images: torch.Tensor, fp_images: torch.Tensor) -> float:
     return float(per.clamp_min(MSE_FLOOR).log().mean().exp())
 
 
-def cpu_kernels() -> str:
-    """Which CPU code paths torch takes here: the ATen vector ISA, oneDNN on/off, and ISA caps set in the
-    environment. Recorded with every row because other kernels round differently (results/noise.md)."""
-    parts = [torch.backends.cpu.get_cpu_capability()]
-    if not torch.backends.mkldnn.enabled:
-        parts.append("oneDNN off")
-    parts += [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-              if os.environ.get(k)]
-    return "; ".join(parts)
-
-
 def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
     """The first n images (in [-1, 1]) as one PNG grid."""
-    from bench.images import grid_png
+    from bench.metrics.images import grid_png
 
     return grid_png(images[:n])
 
 
-VS_FP = ("fid_vs_fp", "digits_fid_vs_fp")  # harness-level metric names: distances to the FP samples (same seed)
-HARNESS_METRICS = (*VS_FP, "clip", *INT8_METRICS)  # computed here rather than by bench.metrics.evaluate
-
-
 def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str, float]:
-    """bench.metrics.evaluate on the cell's metrics. The distances to FP samples are computed only when the grid
+    """bench.metrics.score.evaluate on the cell's metrics. The distances to FP samples are computed only when the grid
     asks for them: fid_vs_fp needs Inception features of both sample sets (minutes on CPU), digits_fid_vs_fp only
     the digits classifier's. For the FP cell both are 0 by definition."""
-    from bench.metrics import evaluate
+    from bench.metrics.score import evaluate
 
     dataset = model.dataset
     is_fp = cell.method == FP_METHOD
@@ -214,15 +187,15 @@ def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str
         if "digits_fid_vs_fp" not in cell.metrics:
             scores.pop("digits_fid_vs_fp", None)
     if "digits_fid_vs_fp" in cell.metrics and not is_fp and "digits_fid_vs_fp" not in scores:
-        from bench import classifier
-        from bench.metrics import fid_from_features
+        from bench.metrics import classifier
+        from bench.metrics.distances import fid_from_features
 
         scores["digits_fid_vs_fp"] = fid_from_features(classifier.features(images.cpu()),
                                                        classifier.features(fp_images.cpu()))
     if is_fp:
         scores.update({m: 0.0 for m in VS_FP if m in cell.metrics})
     if "clip" in cell.metrics:  # text-to-image models: CLIP score of each image against its prompt (EDA-DM Tab. 3)
-        from bench.clip_score import clip_score
+        from bench.metrics.clip_score import clip_score
 
         if model.prompts is None:
             raise BenchError(f"metric clip needs prompts, but model {model.name} has none; drop clip from the grid")
@@ -233,18 +206,18 @@ def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str
 
 def reference_split(model) -> str | None:
     """The split a model's FID is measured against: its zoo card's (e.g. COCO val2014 for Stable Diffusion, as in
-    the paper's Tab. 3), else None = bench.metrics.default_split (held-out test for digits, train otherwise)."""
+    the paper's Tab. 3), else None = bench.metrics.reference.default_split (held-out test for digits, train otherwise)."""
     return model.defaults.get("reference_split")
 
 
 def require_reference(model, cell: Cell) -> None:
     """BenchError (evaluate's own line) when the reference data or the networks the cell's metrics need are missing:
-    checked before sampling, which may take hours (bench.metrics.reference_available reads no image)."""
-    from bench.metrics import reference_available
+    checked before sampling, which may take hours (bench.metrics.reference.reference_available reads no image)."""
+    from bench.metrics.reference import reference_available
 
     wanted = tuple(m for m in cell.metrics if m not in HARNESS_METRICS)
     if "fid_vs_fp" in cell.metrics and cell.method != FP_METHOD:
-        from bench.inception import weights_path
+        from bench.metrics.inception import weights_path
 
         weights_path("fid-helper")  # the Inception network, no reference set
     if wanted:
@@ -266,7 +239,7 @@ def base_row(cell: Cell, context: dict) -> dict:
                batch_size=cell.batch_size,
                cell_key=cell.key,
                overrides=json.dumps(cell.overrides, sort_keys=True), run_id=context.get("run_id"),
-               git_commit=context.get("git_commit"), host=platform.node(), threads=torch.get_num_threads(),
+               git_commit=context.get("git_commit"), host=host(), threads=torch.get_num_threads(),
                cpu_kernels=cpu_kernels(),
                versions=json.dumps(package_versions(), sort_keys=True), attempts=1)
     row["time"] = _now()
@@ -282,7 +255,7 @@ def _now():
 def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, dict]], context: dict,
              device: str = "cpu", log: logging.Logger | None = None) -> tuple[dict, bytes | None]:
     """Run one cell on a loaded FP model. Returns (row, PNG sample grid); exceptions propagate to the caller."""
-    log = log or logging.getLogger("bench.cell")
+    log = log or logging.getLogger("bench.harness.cell")
     t0 = time.time()
     model = with_sampler(model, cell.sampler)
     row = base_row(cell, context)
@@ -323,7 +296,7 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row["eps_mse_per_step"] = per_step
         row["eps_mse"] = float(sum(per_step) / len(per_step))
         log.info("noise-prediction MSE vs FP: %.4g", row["eps_mse"])
-        row.update(int8_metrics(model, qunet, cell, device, log))  # integer-kernel latency (bench/int8_cell.py)
+        row.update(int8_metrics(model, qunet, cell, device, log))  # integer-kernel latency (bench/harness/int8_cell.py)
     if cell.method == FP_METHOD:
         row["eps_mse"] = 0.0
     row["mse_vs_fp"] = mse_vs_fp(images, fp_images)  # 0 for the FP cell: its images are the FP samples

@@ -18,30 +18,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bench.errors import UsageError
+from eda.policy import parse_bits  # torch-free
 
-GRIDS_DIR = Path(__file__).resolve().parent / "grids"
+GRIDS_DIR = Path(__file__).resolve().parents[1] / "grids"  # bench/grids
 FP_METHOD = "fp"
 FP_BITS = "FP"
-_BITS_RE = re.compile(r"^W(\d+)A(\d+)$")
 _DEFAULT_KEYS = {"methods", "bits", "seeds", "samples", "metrics", "sampler", "batch_size", "calib"}
 _TOP_KEYS = {"name", "description", "defaults", "set", "method", "model", "imports", "resources", "check"}
 
 
-def parse_bits(bits: str) -> tuple[int, int]:
-    """'W4A8' -> (4, 8); 'FP' -> (32, 32). Mirrors eda.policy.parse_bits (2..16 bits) so planning needs no torch."""
-    if bits == FP_BITS:
-        return 32, 32
-    m = _BITS_RE.match(str(bits).strip().upper())
-    if not m or not all(2 <= int(b) <= 16 for b in m.groups()):
-        raise UsageError(f"bad bit setting {bits!r}; expected WxAy with x, y in 2..16, e.g. W4A8")
-    return int(m.group(1)), int(m.group(2))
+def cell_bits(bits: str) -> tuple[int, int]:
+    """(weight, activation) bits of a cell's setting: 'FP' -> (32, 32), else eda.policy.parse_bits
+    ('W4A8' -> (4, 8))."""
+    return (32, 32) if bits == FP_BITS else parse_bits(bits)
 
 
 @dataclass(frozen=True)
@@ -61,11 +56,11 @@ class Cell:
 
     @property
     def w_bits(self) -> int:
-        return parse_bits(self.bits)[0]
+        return cell_bits(self.bits)[0]
 
     @property
     def a_bits(self) -> int:
-        return parse_bits(self.bits)[1]
+        return cell_bits(self.bits)[1]
 
     @property
     def key(self) -> str:
@@ -167,7 +162,7 @@ def load_grid(name_or_path: str) -> Grid:
             if k not in m:
                 raise UsageError(f"{path}: model {b['name']!r} has no {k!r}; set it in [defaults] or the block")
         for bits in m["bits"]:
-            parse_bits(bits)
+            cell_bits(bits)
         _check_seeds(path, m["seeds"])
         models.append(m)
     return Grid(name=data.get("name", path.stem), description=data.get("description", ""), models=models,
@@ -177,7 +172,7 @@ def load_grid(name_or_path: str) -> Grid:
 
 
 def _check_seeds(where, seeds) -> None:
-    from bench.seeds import check_seed
+    from bench.harness.seeds import check_seed
 
     for s in seeds:
         try:
@@ -203,7 +198,7 @@ def apply_overrides(grid: Grid, samples: int | None = None, seeds: list[int] | N
         if unknown:
             raise UsageError(f"models {unknown} are not in grid {grid.name!r}; expected some of {grid.model_names()}")
     for b in bits or []:
-        parse_bits(b)
+        cell_bits(b)
     if seeds is not None:
         _check_seeds("--seeds", seeds)
     blocks = []

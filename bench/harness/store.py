@@ -24,12 +24,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from bench.errors import BenchError
+from bench.metrics.names import METRICS  # one float column per metric, NaN when not computed
 
-# Metrics of bench.metrics.evaluate plus the harness's own paired errors against FP (bench.cell): eps_mse, the
-# noise-prediction error on FP trajectories, and mse_vs_fp, the per-sample error of the final samples against the FP
-# samples from the same initial noise. NaN when not computed.
-METRICS = ("fid", "sfid", "is", "kid", "precision", "recall", "digits_fid", "digits_coverage", "digits_confidence",
-           "fid_vs_fp", "digits_fid_vs_fp", "clip", "eps_mse", "mse_vs_fp", "int8_latency_ms", "int8_speedup")
 PARTITIONS = ("grid", "model", "method")
 TEMP_PREFIX = ".tmp-"  # in-progress writes (Parquet rows, sample-grid PNGs); dataset discovery skips dotfiles
 STALE_TEMP_SECONDS = 600  # one row is written in milliseconds: an older temp was left by a killed writer
@@ -49,7 +45,7 @@ FILE_SCHEMA = pa.schema(
         ("w_bits", pa.int32()),
         ("a_bits", pa.int32()),
         ("seed", pa.int32()),
-        ("sample_seed", pa.int32()),  # noise seed of the evaluated samples (bench.seeds)
+        ("sample_seed", pa.int32()),  # noise seed of the evaluated samples (bench.harness.seeds)
         ("calib_seed", pa.int32()),  # noise seed of the calibration trajectories; null for fp
         ("samples", pa.int32()),
         ("batch_size", pa.int32()),  # sampling / evaluation batch: results move with it at float-noise level

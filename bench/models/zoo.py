@@ -16,7 +16,7 @@ never the network). A model folder is diffusers `save_pretrained` layout: `unet/
 
 Only the UNet is quantized: autoencoders, the class embedder and the CLIP text encoder stay FP inside
 `DiffusionModel.decode` / `.conditioning`. Conditioning dicts use the `uncond_` prefix for classifier-free guidance
-(`bench.models.split_guidance`). `model_availability(name)` answers "is it here?" without loading anything.
+(`eda.guidance.split_guidance`). `model_availability(name)` answers "is it here?" without loading anything.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ from typing import Any
 import torch
 
 from bench.errors import BenchError, UsageError
-from bench.models import DiffusionModel, _read_unet, register_model
-from bench.sampling import SamplerConfig
-from bench.schedule import alphas_cumprod_for
+from bench.models.directory import _read_unet
+from bench.models.model import DiffusionModel
+from bench.models.registry import register_model
+from bench.models.sampling import SamplerConfig
+from bench.models.schedule import alphas_cumprod_for
 
 ENV_MODELS = "EDA_BENCH_MODELS"  # root folder holding <name>/ model folders (converted or saved)
-ENV_DATA = "EDA_BENCH_DATA"  # reference images: $EDA_BENCH_DATA/<dataset>/<split>/ (bench.metrics.data_dir)
+ENV_DATA = "EDA_BENCH_DATA"  # reference images: $EDA_BENCH_DATA/<dataset>/<split>/ (bench.metrics.reference.data_dir)
 ENV_CAPTIONS = "EDA_BENCH_COCO_CAPTIONS"  # captions_val2014.json (or a .txt with one prompt per line)
 
 # CompVis samplers: uniform steps + 1 and alpha_bar_0 before the first step, as CompVis' ddim.py / plms.py.
@@ -111,7 +113,7 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry(
         "sd-v1-4", "text", ("scaled_linear", 0.00085, 0.012), SamplerConfig("plms", 50, 0.0, **_COMPVIS),
         "coco", f"MS-COCO val2014 images in ${ENV_DATA}/coco/val2014, captions (${ENV_CAPTIONS}); CLIP score "
-        "(ViT-L/14, bench.clip_score)", reference_split="val2014",
+        "(ViT-L/14, bench.metrics.clip_score)", reference_split="val2014",
         hub_id="CompVis/stable-diffusion-v1-4", guidance_scale=7.5, n_eval=10_000,
         metrics=("fid", "sfid", "clip"),
         # EDA-DM's scripts/for_coco.sh quantizes the softmax output at 8 bits (--sm_abit 8, the method default);
@@ -195,7 +197,7 @@ def _need_transformers(name: str) -> None:
 def _captions_file() -> Path:
     if os.environ.get(ENV_CAPTIONS):
         return Path(os.environ[ENV_CAPTIONS])
-    from bench.metrics import data_dir
+    from bench.metrics.reference import data_dir
 
     return data_dir() / "coco" / "annotations" / "captions_val2014.json"
 
@@ -204,7 +206,7 @@ def model_availability(name: str, model_dir: str | os.PathLike | None = None) ->
     """(True, folder) if `name` can be loaded offline, else (False, what to download and where to put it).
     Loads nothing; `python -m bench.run --grid full --dry-run` lists models with it."""
     if name not in ZOO:
-        from bench.models import available_models
+        from bench.models.registry import available_models
 
         if name in available_models():
             return True, "built in"

@@ -13,7 +13,8 @@ import logging
 
 import torch
 
-INT8_METRICS = ("int8_latency_ms", "int8_speedup")
+from bench.metrics.names import INT8_METRICS
+
 INT8_BATCH = 8  # the reference batch; fixed so cells compare across grids and batch sizes
 INT8_REPS = 5
 
@@ -23,10 +24,10 @@ def int8_metrics(model, qunet, cell, device: str = "cpu", log: logging.Logger | 
     if qunet is None or not any(m in cell.metrics for m in INT8_METRICS):
         return {}
     from bench.errors import BenchError
-    from bench.perf import alternate
+    from bench.harness.timing import alternate
     from eda.integer import compile_for, integer_unet
 
-    log = log or logging.getLogger("bench.cell")
+    log = log or logging.getLogger("bench.harness.cell")
     try:
         if torch.device(device).type != "cpu":
             raise BenchError(f"int8 metrics time the x86 CPU backend; this cell ran on {device}")

@@ -10,7 +10,7 @@ evaluated sample that begins at a calibration trajectory's x_T measures the meth
     calibration s + 10_000   the FP trajectories every method calibrates on (`bench.quantize` uses the same)
     eps         s + 20_000   held-out FP trajectories for the per-step noise-prediction error (`eps_mse`)
 
-Each stream seeds its own `torch.Generator` (bench.sampling.initial_noise), so distinct seeds give unrelated noise.
+Each stream seeds its own `torch.Generator` (bench.models.sampling.initial_noise), so distinct seeds give unrelated noise.
 Seeds above MAX_SEED are refused so that the streams of one grid's cells never coincide either (seed 10_000's
 sampling stream would be seed 0's calibration stream).
 
@@ -31,7 +31,7 @@ MAX_SEED = CALIB_OFFSET - 1
 def check_seed(seed: int) -> int:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise UsageError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r} (larger seeds would reuse the "
-                         "calibration or eps noise stream of another seed; see bench/seeds.py)")
+                         "calibration or eps noise stream of another seed; see bench/harness/seeds.py)")
     return seed
 
 

@@ -1,6 +1,6 @@
 """Measure the papers' real architectures with random weights (no download) and write one page per model.
 
-    /work/venv/bin/python results/architectures/measure.py [--models sd-v1-4 ...] [--threads 2] [--device cpu]
+    python -m bench.studies.architectures [--models sd-v1-4 ...] [--threads 2] [--warmup] [--pages-only]
 
 Per model: parameter counts (UNet, autoencoder, conditioning encoder), the time of one sampling step (one eps_fn
 call for one sample: a batch of 2 for classifier-free guidance) in FP and with W8A8 fake quantization
@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from bench.perf import cifar_unet  # the DDPM CIFAR-10 UNet as diffusers configures it
+from bench.studies.perf_figures import cifar_unet  # the DDPM CIFAR-10 UNet as diffusers configures it
 
-OUT = Path(__file__).resolve().parent
+OUT = Path(__file__).resolve().parents[2] / "results" / "architectures"  # one page + .json per model, README.md
 
 
 def build(name: str):
     """(unet, {part: module} of the FP parts around it, conditioning kwargs for one sample, cfg)."""
-    from bench.convert import PRESETS, build_autoencoder, build_unet
-    from bench.zoo import apply_attention_heads
+    from bench.models.compvis import PRESETS, build_autoencoder, build_unet
+    from bench.models.zoo import apply_attention_heads
 
     if name == "cifar10-ddim":
         return cifar_unet(), {}, {}, False
@@ -136,7 +136,7 @@ def measure(name: str, warmup: bool) -> dict:
     from eda.units import reconstruction_units
     from eda.wrap import quantize_unet, set_quant_state
 
-    from bench.zoo import ZOO
+    from bench.models.zoo import ZOO
 
     entry = ZOO[name]
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def _load_note(r: dict) -> str:
 
 
 def page(r: dict, env: str) -> str:
-    from bench.zoo import ZOO
+    from bench.models.zoo import ZOO
 
     e = ZOO[r["name"]]
     src = e.hub_id or f"CompVis checkpoint {e.ckpt_url} converted with `python -m bench.convert`"
@@ -254,7 +254,7 @@ def page(r: dict, env: str) -> str:
         f"{' x 2 for the [uncond; cond] pairs' if r['unet_batch_per_step'] == 2 else ''}, linear in batch): about {_fmt_s(r['recon_estimate_s'])} of CPU time for one reconstruction pass over all "
         f"{sum(r['units'].values())} units.", "",
         "## How this was measured", "",
-        f"`/work/venv/bin/python results/architectures/measure.py` on {env}; no GPU was available in this "
+        f"`python -m bench.studies.architectures` on {env}; no GPU was available in this "
         "session, so there are no GPU numbers. A proxy iteration = an FP forward of the unit (the target), two "
         "W8A8 fake-quant forwards and one backward, on the unit's real input captured from a UNet call at t=500. "
         "The step times run without autograd, as sampling does (so the fake-quant fast path applies)"
@@ -280,7 +280,8 @@ def index() -> str:
                     f"{sum(r['units'].values())} | {_fmt_s(r['recon_estimate_s'])} |")
     return "\n".join([
         "# The papers' architectures on CPU (random weights)", "",
-        "Produced by `results/architectures/measure.py` (see its docstring); no GPU was available, so CPU only.",
+        "Produced by `python -m bench.studies.architectures` (see bench/studies/architectures.py); no GPU was "
+        "available, so CPU only.",
         "Times are CPU seconds (process time over 2 torch threads) for one UNet call on one sample, measured on a "
         "shared 2-core machine (the load average at measurement time is on each page): orders of magnitude.", "",
         "| model | UNet params | FP parts | FP s / call | W8A8 fake-quant s / call (x FP) | FP with explicit attention "
@@ -291,7 +292,7 @@ def index() -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.studies.architectures", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=["cifar10-ddim", "lsun-bedroom-ldm4", "lsun-church-ldm8",
                                                      "imagenet-ldm4", "sd-v1-4"])
     ap.add_argument("--threads", type=int, default=2)

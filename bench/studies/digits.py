@@ -1,7 +1,7 @@
 """Render the digits methods study from the results store.
 
     python -m bench.run --grid digits          # the 57 cells (results/runs/grid=digits, resumable)
-    python results/digits_study.py             # -> results/digits-study.md, results/digits-study.parquet,
+    python -m bench.studies.digits             # -> results/digits-study.md, results/digits-study.parquet,
                                                #    results/plots/digits-study-*.png
 
 Everything on the page is computed from the stored rows: means with 95% Student-t intervals across the seeds,
@@ -13,6 +13,7 @@ the numbers change.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from bench.harness.store import read_runs, runs_dir, write_file
+from bench.reporting.tables import bits_order, mean_ci
 
-from bench.report import bits_order, mean_ci  # noqa: E402
-from bench.store import read_runs, runs_dir, write_file  # noqa: E402
+HERE = Path(__file__).resolve().parents[2] / "results"  # the page, its rows and plots live in results/
 
 METHODS = ["fp", "rtn", "ptq4dm", "qdiffusion", "eda-dm", "eda-dm:tdac-only", "eda-dm:fbr-only"]
 # (column, header, scale, decimals); lower is better for all but coverage
@@ -142,7 +142,8 @@ def tdac_plot(df: pd.DataFrame, out: Path) -> str | None:
     return None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m bench.studies.digits", description=__doc__.splitlines()[0]).parse_args(argv)
     df = read_runs(runs_dir(HERE), grid="digits")
     if df.empty:
         print("no digits rows in results/runs; run `python -m bench.run --grid digits` first", file=sys.stderr)
@@ -155,11 +156,11 @@ def main() -> int:
     lines = ["# Digits study: EDA-DM against its baselines on digits-ddpm", "",
              f"{len(ok)} cells ok, {int((df.status != 'ok').sum())} failed · seeds {', '.join(map(str, seeds))} · "
              f"{int(ok.samples.iloc[0])} samples per cell · git {ok.git_commit.iloc[-1][:12]} · "
-             "regenerate: `python -m bench.run --grid digits && python results/digits_study.py`", "",
+             "regenerate: `python -m bench.run --grid digits && python -m bench.studies.digits`", "",
              "Each entry is the mean over seeds ± the 95% Student-t half-width (n = 3 seeds: t = 4.30, so intervals "
              "are wide). FID/KID use Inception features against the 360 held-out digits; *vs FP* compares with the FP "
              "model's samples from the same seed and the same initial noise; digits-FID uses the small digits "
-             "classifier (bench/classifier.py). Quantization time is wall time of one worker on a shared 2-core "
+             "classifier (bench/metrics/classifier.py). Quantization time is wall time of one worker on a shared 2-core "
              "CPU.", ""]
     for bits in settings:
         lines += [f"## {bits}", "", "| method | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from bench.data import to_uint8_rgb
+from bench.metrics.data import to_uint8_rgb
 
 
 def grid_image(images: torch.Tensor, nrow: int | None = None, scale: int = 1, pad: int = 2, pad_value: int = 255):

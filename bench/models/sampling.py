@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bench.errors import UsageError
+from eda.hooks import StepRecord  # the hook record calibration is written against
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,17 +54,6 @@ class SamplerConfig:
     def describe(self) -> str:
         s = f"{self.kind}{self.steps}-eta{self.eta:g}-{self.skip}"
         return s + (f"+{self.offset}" if self.offset else "") + ("" if self.set_alpha_to_one else "-a0")
-
-
-@dataclass
-class StepRecord:
-    """What a hook sees at one sampling step (index 0 is the noisiest step, x_T)."""
-
-    index: int
-    t: int
-    x_t: torch.Tensor
-    eps: torch.Tensor
-    offset: int = 0  # position of this batch's first sample in the whole sample set
 
 
 def timesteps(cfg: SamplerConfig, num_train_timesteps: int = 1000) -> list[int]:

@@ -1,6 +1,6 @@
 """bench.perf figure `int8`: integer inference (eda.integer) against FP32 and fake-quant, side by side in one run.
 
-Three parts, each timed interleaved (bench.perf.alternate) and reported as rows:
+Three parts, each timed interleaved (bench.harness.timing.alternate) and reported as rows:
 1. backends, one layer: a 3x3 conv and a linear layer in FP32 (torch) against each candidate integer route on CPU:
    oneDNN u8s8 kernels called directly (our x86 backend), the same lowered by torch.compile with torchao's x86 passes
    (x86-inductor), ONNX Runtime running the ONNX QDQ graph (QuantizeLinear/DequantizeLinear around an FP Conv, the
@@ -19,9 +19,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.perf import _calib, _quantized, alternate, cifar_unet, row
+from bench.harness.timing import alternate
+from bench.studies.perf_figures import _calib, _quantized, cifar_unet, row
 
-TARGET = 1.5  # issue 17: integer W8A8 at least 1.5x faster than FP32 per UNet call, CIFAR-10 UNet, batch 8
+TARGET = 1.5  # README "Integer inference": integer W8A8 >= 1.5x FP32 per UNet call, CIFAR-10 UNet, batch 8
 
 
 # ---- 1. backends on one layer -----------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def _layer_case(kind: str, shape: tuple, reps: int) -> list[dict]:
 
 # ---- 2./3. UNet call and sampling run ---------------------------------------------------------------------------
 def _models():
-    from bench.models import load_model
+    from bench.models.registry import load_model
 
     digits = load_model("digits-ddpm")
     yield "digits-ddpm", digits.unet.eval(), digits
@@ -193,9 +194,9 @@ def fig_int8(args) -> list[dict]:
         steps = (5 if args.quick else 10) if model is None else (10 if args.quick else 20)
         n = 8 if model is None else 64
         if model is None:
-            from bench.models import DiffusionModel
-            from bench.sampling import SamplerConfig
-            from bench.schedule import alphas_cumprod_for
+            from bench.models.model import DiffusionModel
+            from bench.models.sampling import SamplerConfig
+            from bench.models.schedule import alphas_cumprod_for
 
             model = DiffusionModel(name=name, unet=unet, alphas_cumprod=alphas_cumprod_for(),
                                    sampler=SamplerConfig(steps=steps), sample_shape=(c, s, s), dataset="cifar10")

@@ -43,17 +43,20 @@ def model_fingerprint(model) -> str:
 
 
 def _safe_globals() -> list:
-    """The classes a cached artifact may hold besides tensors: trajectories (with their sampler), and the numpy
-    arrays/memmaps of trajectories spilled to disk. Nothing else is unpickled."""
+    """The classes a cached artifact may hold besides tensors and plain data: trajectories (their sampler is a plain
+    dict), and the numpy arrays/memmaps of trajectories spilled to disk. Nothing else is unpickled.
+
+    torch's weights_only unpickler matches each class by its module path and name as pickled, so this list follows
+    the classes where they live now (eda.trajectories). A cache file written before a class moved or left the list
+    (e.g. one holding bench.sampling.SamplerConfig, from before trajectories kept their sampler as a dict) is
+    refused by `_safe_load` with its one-line message; delete it and it is recomputed."""
     import numpy as np
 
-    from bench.sampling import SamplerConfig
     from eda.trajectories import CalibSet, Trajectories
 
     dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
-    return [Trajectories, CalibSet, SamplerConfig, np.ndarray, np.memmap, np.dtype, *dtypes,
-            core.multiarray._reconstruct]
+    return [Trajectories, CalibSet, np.ndarray, np.memmap, np.dtype, *dtypes, core.multiarray._reconstruct]
 
 
 def _safe_load(path: Path) -> Any:

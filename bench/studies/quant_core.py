@@ -1,6 +1,6 @@
 """Evidence for the quantization core on the embedded digits model, end to end on CPU.
 
-    python -m eda.evidence [--iters 20] [--calib 128] [--n-traj 32] [--n-eval 16] [--seed 0]
+    python -m bench.studies.quant_core [--iters 20] [--calib 128] [--n-traj 32] [--n-eval 16] [--seed 0]
 
 W8A8 and W4A8 round-to-nearest (L_p init of weights and activations) and W4A8 with block reconstruction: per-step
 noise-prediction MSE against FP along FP trajectories (teacher-forced: the same x_t goes to FP and quantized UNet),
@@ -21,30 +21,30 @@ from pathlib import Path
 import torch
 
 from bench.errors import cli_main
-from bench.run import git_commit
+from bench.harness.provenance import git_commit
 from eda.checkpoint import packed_size_mb
 from eda.policy import BitPolicy
 from eda.recon import ReconConfig, reconstruct
 from eda.trajectories import record_trajectories
 from eda.wrap import init_ranges, quantize_unet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _model(name: str, steps: int | None):
     from dataclasses import replace
 
     if name == "random":  # smoke test without the trained checkpoint
-        from bench.models import DiffusionModel
-        from bench.sampling import SamplerConfig
-        from bench.schedule import alphas_cumprod_for
-        from bench.train import digits_unet
+        from bench.models.model import DiffusionModel
+        from bench.models.sampling import SamplerConfig
+        from bench.models.schedule import alphas_cumprod_for
+        from bench.models.digits import digits_unet
 
         torch.manual_seed(0)
         model = DiffusionModel("digits-random", digits_unet().eval(), alphas_cumprod_for(), SamplerConfig(),
                                (1, 16, 16), "digits")
     else:
-        from bench.models import load_model
+        from bench.models.registry import load_model
 
         model = load_model(name)
     if steps is not None:
@@ -171,7 +171,7 @@ def render(result: dict, samples: dict, args):
 
 def page(r: dict, args) -> str:
     """The results page, generated from the numbers of this run."""
-    cmd = (f"python -m eda.evidence --model {args.model} --iters {args.iters} --batch {args.batch} "
+    cmd = (f"python -m bench.studies.quant_core --model {args.model} --iters {args.iters} --batch {args.batch} "
            f"--calib {args.calib} --n-traj {args.n_traj} --n-eval {args.n_eval} --seed {args.seed} "
            f"--threads {args.threads}" + (f" --steps {args.steps}" if args.steps else ""))
     rs = r["recon_seconds"]
@@ -249,7 +249,7 @@ Other timings (s): {', '.join(f"{k} {v:.1f}" for k, v in r['timings'].items())}.
 
 @cli_main
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m eda.evidence", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.studies.quant_core", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="digits-ddpm", help="registered model name, or 'random' for a smoke run")
     p.add_argument("--steps", type=int, default=None, help="override the sampler's step count (smoke runs)")
     p.add_argument("--iters", type=int, default=20, help="reconstruction iterations per unit")

@@ -1,0 +1,132 @@
+"""Running a planned grid (`python -m bench.run`): resume from the store, fail fast on models or reference data
+that are not here, start Ray, hand the cells to the workers (bench.harness.worker) and store each result as it
+arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.errors import BenchError, UsageError
+from bench.harness.grid import Grid
+from bench.harness.plan import (local_resources, calibration_requests, check_methods, check_metrics, import_plugins,
+                                model_status, plan, print_plan, reference_status, resources)
+from bench.harness.provenance import git_commit
+
+
+def run_grid(args) -> int:
+    """The whole of `python -m bench.run` after argument parsing: plan, check, then a dry run or the run itself."""
+    grid = plan(args)
+    import_plugins(grid.imports + args.imports)
+    out = Path(args.out)
+    cells = grid.cells()
+    from bench.harness.store import done_keys, runs_dir
+
+    done = done_keys(runs_dir(out), grid.name) if args.resume else set()
+    todo = [c for c in cells if c.key not in done]
+    check_methods(grid)
+    check_metrics(grid)
+    status = {b["name"]: model_status(b["name"]) for b in grid.models}
+    unknown = [m for m, (ok, why) in status.items() if why.startswith("not registered")]
+    if unknown:
+        from bench.models.registry import available_models
+
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected some of {', '.join(available_models())}")
+    if args.dry_run:
+        print_plan(grid, cells, todo, status, resources(grid, args, local_resources()),
+                   "Ray is not started by a dry run")
+        return 0
+    if not todo:
+        print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(out)}; use --no-resume to rerun")
+        return 0
+    return execute_plan(grid, cells, todo, status, args, out)
+
+
+
+def start_ray(address: str | None):
+    import ray
+
+    if ray.is_initialized():  # e.g. a test session already holds a cluster
+        return False
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise BenchError(f"could not join the Ray cluster at {address!r} ({str(e).splitlines()[0][:160]}); start "
+                             "one with `ray start --head` or drop --address to run on a local cluster") from None
+    else:
+        # Ray starts workers at nice 15; on a shared machine that starves the grid (and distorts its timings).
+        # Ray's own job manager runs submitted jobs' workers at niceness 0 (dashboard/modules/job/job_manager.py).
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
+    import ray
+
+    from bench.harness.artifacts import cache_root
+    from bench.harness.cell import failed_row
+    from bench.harness.progress import GridProgress
+    from bench.harness.worker import execute, write_result
+
+    context = {"run_id": f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
+               "git_commit": git_commit()}
+    t0 = time.time()
+    progress = GridProgress(len(todo), f"grid {grid.name}", enabled=args.progress)
+    counts = {"ok": 0, "failed": 0}
+
+    def on_result(cell, result, attempts):
+        write_result(out, cell, result, attempts)
+
+    # a driver killed mid-write (SIGKILL skips write_row's cleanup) leaves dotfile temps: never read, reclaimed here
+    from bench.harness.store import remove_stale_temps, runs_dir
+
+    remove_stale_temps(runs_dir(out))
+    # fail fast, per model, for models whose weights or reference data are not here (offline machine, missing
+    # download), before Ray starts and before any sampling
+    runnable, refs = [], {}
+    for c in todo:
+        ok, why = status[c.model]
+        msg = f"model {c.model} is unavailable: {why}"
+        if ok:
+            rkey = (c.model, c.metrics)
+            if rkey not in refs:
+                refs[rkey] = reference_status(c)
+            ok, why = refs[rkey]
+            msg = f"model {c.model}: {why}"
+        if ok:
+            runnable.append(c)
+            continue
+        on_result(c, {"row": failed_row(c, context, msg, attempts=0), "png": None, "log": msg + "\n"}, 0)
+        counts["failed"] += 1
+        progress.skipped(False, c.label(), msg)
+    stats = {"ok": 0, "failed": 0, "crashes": 0}
+    started = False
+    try:
+        if runnable:
+            started = start_ray(args.address)
+            res = resources(grid, args, ray.cluster_resources())
+            stats = execute(runnable, calibration_requests(cells), context, on_result,
+                            num_workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
+                            gpus_per_worker=res["gpus_per_worker"], imports=grid.imports + args.imports,
+                            cache_root=str(cache_root(out)), retries=args.retries, progress=progress,
+                            keep_actors=not started)
+    finally:
+        progress.close()
+        if started:
+            ray.shutdown()
+    failed = counts["failed"] + stats["failed"]
+    print(f"grid {grid.name}: {stats['ok']} ok, {failed} failed, {stats['crashes']} worker crash(es) in "
+          f"{time.time() - t0:.0f}s; results in {runs_dir_str(out)}, logs in {out / 'logs' / grid.name}")
+    if failed:
+        raise BenchError(f"{failed} cell(s) failed; their errors are in the store and in {out / 'logs' / grid.name}")
+    return 0
+
+
+def runs_dir_str(out: Path) -> str:
+    return str(out / "runs")

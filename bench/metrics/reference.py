@@ -1,0 +1,155 @@
+"""Reference data: where datasets and caches live, the reference images of a dataset split and their Inception
+statistics, computed once and cached as .npz under `$EDA_BENCH_CACHE` (default ~/.cache/eda-bench), keyed by dataset,
+split, extractor and resolution; `reference_available` answers "can these metrics run?" without reading an image.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.errors import BenchError
+from bench.metrics.data import to_uint8_rgb
+from bench.metrics.inception import image_features
+from bench.metrics.names import ALL_METRICS, DIGITS_METRICS, INCEPTION_METRICS, check_requests
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDA_BENCH_CACHE") or Path.home() / ".cache" / "eda-bench")
+
+
+def data_dir() -> Path:
+    """Where folder datasets (cifar10, lsun, imagenet, coco, ...) are looked up: `$EDA_BENCH_DATA/<dataset>/<split>`."""
+    return Path(os.environ.get("EDA_BENCH_DATA") or cache_dir() / "data")
+
+
+def _reference_folder(dataset: str, split: str, reference_dir) -> Path:
+    return Path(reference_dir) if reference_dir is not None else data_dir() / dataset / split
+
+
+def _no_reference_images(dataset: str, split: str, folder: Path) -> str:
+    return (f"no reference images for {dataset} (split {split!r}) in {folder}; put the image files "
+            f"(PNG/JPEG) there or set EDA_BENCH_DATA to a folder holding {dataset}/{split}/ "
+            f"(bench.evaluate also takes --reference-dir)")
+
+
+def _reference_images(dataset: str, split: str, res: int, reference_dir: str | os.PathLike | None) -> torch.Tensor:
+    """uint8 RGB [N, 3, res, res] of the reference set."""
+    if dataset == "digits":
+        from bench.metrics.data import load_digits_split
+
+        return to_uint8_rgb(load_digits_split(split, res)[0])
+    folder = _reference_folder(dataset, split, reference_dir)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+    if not files:
+        raise BenchError(_no_reference_images(dataset, split, folder))
+    from PIL import Image
+
+    out = []
+    for p in files:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            side = min(im.size)  # centre crop to a square, then bicubic to the generated resolution
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side))
+            if side != res:
+                im = im.resize((res, res), Image.BICUBIC)
+            out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def _stats_key(dataset: str, split: str, extractor: str, res: int, reference_dir) -> str:
+    key = f"{dataset}_{split}_{extractor}_{res}"
+    if reference_dir is not None:  # a user folder: keep different folders apart
+        key += "_" + hashlib.sha1(str(Path(reference_dir).resolve()).encode()).hexdigest()[:8]
+    return key
+
+
+def reference_stats(dataset: str, split: str, res: int, extractor: str = "fid-helper", device="cpu",
+                    reference_dir=None, batch_size: int = 64, progress: bool = True) -> dict[str, np.ndarray]:
+    """mu/sigma of pool and spatial features plus the pool feature matrix (KID, precision/recall), cached on disk.
+    A file lock makes a second process (the other Ray worker of a grid) wait for the first instead of computing the
+    same statistics again (about 2 CPU-minutes for the digits test split)."""
+    path = cache_dir() / "stats" / f"{_stats_key(dataset, split, extractor, res, reference_dir)}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.stem}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _reference_stats(path, dataset, split, res, extractor, device, reference_dir, batch_size, progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _reference_stats(path: Path, dataset: str, split: str, res: int, extractor: str, device, reference_dir,
+                     batch_size: int, progress: bool) -> dict[str, np.ndarray]:
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated/foreign: recompute
+            warnings.warn(f"recomputing unreadable reference statistics {path} ({type(e).__name__})", stacklevel=2)
+    u8 = _reference_images(dataset, split, res, reference_dir)
+    f = image_features(u8, extractor, device, batch_size, progress, desc=f"reference {dataset}/{split}")
+    stats = {"mu": f["pool"].mean(0), "sigma": np.cov(f["pool"], rowvar=False), "pool": f["pool"].astype(np.float32),
+             "spatial_mu": f["spatial"].mean(0), "spatial_sigma": np.cov(f["spatial"], rowvar=False)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **stats)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return stats
+
+
+def default_split(dataset: str, split: str | None = None) -> str:
+    """evaluate()'s reference split: the held-out "test" split for digits, "train" (the papers' FID reference) else."""
+    return split or ("test" if dataset == "digits" else "train")
+
+
+def reference_available(dataset: str, split: str | None = None, metrics=ALL_METRICS, reference_dir=None,
+                        extractor: str = "fid-helper", res: int | None = None) -> tuple[bool, str]:
+    """(ok, the one-line error evaluate() would raise) for what `evaluate(images, dataset, metrics, ...)` needs,
+    without reading an image or running a network: the Inception weights and the reference set (cached statistics
+    or at least one image file) for Inception metrics, the digits classifier for digits metrics. Milliseconds: the
+    harness asks before sampling, so a run without its reference data fails at once, not after the sampling."""
+    metrics = check_requests(metrics)
+    split = default_split(dataset, split)
+    if any(m in metrics for m in INCEPTION_METRICS):
+        from bench.metrics.inception import weights_path
+
+        try:
+            weights_path(extractor)
+        except BenchError as e:
+            return False, str(e)
+        if dataset != "digits" and not _stats_cached(dataset, split, extractor, res, reference_dir):
+            folder = _reference_folder(dataset, split, reference_dir)
+            files = (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else iter(())
+            if next(files, None) is None:
+                return False, _no_reference_images(dataset, split, folder)
+    if dataset == "digits" and any(m in metrics for m in DIGITS_METRICS):
+        from bench.metrics.classifier import load_classifier
+
+        try:
+            load_classifier()  # a few KB, memoised per process: also catches corrupt weights
+        except BenchError as e:
+            return False, str(e)
+    return True, ""
+
+
+def _stats_cached(dataset: str, split: str, extractor: str, res: int | None, reference_dir) -> bool:
+    """Reference statistics on disk for this set; any resolution when `res` is None (a latent model's image size is
+    known only after decoding)."""
+    stats = cache_dir() / "stats"
+    if res is not None:
+        return (stats / f"{_stats_key(dataset, split, extractor, res, reference_dir)}.npz").is_file()
+    # "@" never occurs in a dataset, split or extractor name (evaluate checks the dataset name)
+    want = re.escape(_stats_key(dataset, split, extractor, "@", reference_dir)).replace("@", r"\d+") + r"\.npz"
+    return stats.is_dir() and any(re.fullmatch(want, p.name) for p in stats.iterdir())

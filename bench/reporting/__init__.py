@@ -1,0 +1,2 @@
+"""Reporting: tables (mean ± CI across seeds, Markdown/LaTeX), plots, the report page, the regression check's
+rule."""

@@ -1,0 +1,112 @@
+"""The performance page: runs the figures of bench.studies.perf_figures and bench.studies.perf_int8 and writes
+results/perf.md plus one Parquet row per figure (`python -m bench.perf`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from bench.harness import provenance
+from bench.studies.perf_figures import fig_artifacts, fig_cifar, fig_ray, fig_recon, fig_sampling
+from bench.studies.perf_int8 import fig_int8
+
+FIGURES = ("recon", "sampling", "artifacts", "ray", "cifar", "int8")
+
+
+def environment(argv: list[str]) -> dict:
+    """The page's provenance (bench.harness.provenance.environment) and the command that measured it."""
+    return {"command": "python -m bench.perf " + " ".join(argv), **provenance.environment()}
+
+
+def write(rows: list[dict], env: dict, out_parquet: Path, page: Path) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    for k in ("command", "device", "git_commit", "time", "load_average"):
+        df[k] = env[k]
+    df["versions"] = json.dumps(env["versions"], sort_keys=True)
+    if out_parquet.is_file():  # keep the figures this run did not measure (e.g. `--only ray` later)
+        old = pd.read_parquet(out_parquet)
+        old = old[~old.figure.isin(set(df.figure))]
+        df = pd.concat([old, df], ignore_index=True) if len(old) else df
+    out_parquet.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_parquet.with_name(f".{out_parquet.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out_parquet)
+    page.write_text(render(df, env))
+
+
+TITLES = {"recon": "(a) Reconstruction iteration: cached FP targets vs the official three forwards",
+          "sampling": "(b) Sampling: fake-quantized vs FP (target: at most 1.3x)",
+          "artifacts": "(c) Shared FP artifacts vs recomputing them per cell (target: at least 2x)",
+          "ray": "(d) Ray scaling",
+          "cifar": "(e) EDA-DM W4A8 on the CIFAR-10 UNet at the official budget (extrapolated)",
+          "int8": "(f) Integer inference: W8A8 on int8 kernels vs FP32 and fake-quant (target: >= 1.5x FP32, CIFAR-10 "
+                  "UNet call at batch 8)"}
+
+
+def render(df, env: dict) -> str:
+    lines = ["# Performance (`python -m bench.perf`)", "",
+             f"Device: {env['device']}, {env['cpus']} cores, {env['threads']} torch thread(s). A figure measured by "
+             "an earlier `--only` run keeps its own command, time and load average below.", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), "",
+             "Every ratio compares two timings taken side by side in this run (interleaved, median of the "
+             "repetitions). Absolute seconds are this machine's and only give scale.", ""]
+    for fig in FIGURES:
+        part = df[df.figure == fig]
+        if part.empty:
+            continue
+        first = part.iloc[0]
+        load = first.get("load_average", float("nan"))
+        lines += [f"## {TITLES[fig]}", "", f"Measured {first['time']} by `{first['command']}` (commit "
+                  f"`{str(first['git_commit'])[:12]}`, load average {load:.1f}).", "",
+                  "| case | baseline | s | ours | s | ratio | target | met |", "|---|---|---|---|---|---|---|---|"]
+        for r in part.itertuples():
+            sym = "x" if r.ratio_kind == "speedup" else "x of baseline"
+            tgt = "" if r.target is None or r.target != r.target else (
+                f">= {r.target:g}x" if r.ratio_kind == "speedup" else f"<= {r.target:g}x")
+            met = {True: "yes", False: "**no**"}.get(r.target_met, "")
+            lines.append(f"| {r.case} | {r.baseline} | {r.baseline_seconds:.3g} | {r.ours} | {r.ours_seconds:.3g} "
+                         f"| {r.ratio:.2f} {sym} | {tgt} | {met} |")
+        if fig == "ray":
+            eff = [json.loads(d)["efficiency"] for d in part.details]
+            lines += ["", "Efficiency (speed-up / workers): " + ", ".join(
+                f"{json.loads(d)['workers']} workers {e:.2f}" for d, e in zip(part.details, eff))]
+        if fig == "int8":
+            d = [json.loads(x) for x in part.details]
+            call = next((x for x in d if x.get("part") == "unet call"), {})
+            lines += ["", f"Threads: {sorted({x.get('threads') for x in d})}. UNet rows: backend "
+                      f"{call.get('backend')}, W8A8 with {call.get('ranges')} ranges, {call.get('int8_ops')} of "
+                      f"{call.get('ops')} conv/linear on int8 kernels (the rest take an FP input), "
+                      f"{call.get('asym_layers')} with the weight zero-point decomposition, {call.get('attention')} "
+                      "attention blocks (q/k/v/softmax quantized, bmm in FP32). Layer rows: max error relative to "
+                      "the exact integer result in `details`; ONNX Runtime and x86-inductor rows appear only where "
+                      "`pip install -e '.[int8]'` installed them."]
+        if fig == "cifar":
+            d = json.loads(part.details.iloc[0])
+            lines += ["", "Pieces (hours on this machine): " + ", ".join(
+                f"{k.removesuffix('_s')} {d[k] / 3600:.2f}" for k in ("trajectories_s", "act_ranges_s",
+                                                                       "input_collection_s", "reconstruction_s")),
+                      f"GPU: {d['gpu']}."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+
+def run(figs: list[str], args, argv: list[str], out: Path) -> None:
+    """Measure `figs` in order, rewriting the page and the Parquet file after each (nothing is lost to a crash)."""
+    torch.set_num_threads(args.threads)
+    env = environment(argv)
+    print(f"bench.perf on {env['device']}, {env['threads']} thread(s), commit {env['git_commit'][:12]}", flush=True)
+    rows: list[dict] = []
+    fns = {"recon": fig_recon, "sampling": fig_sampling, "artifacts": fig_artifacts, "ray": fig_ray,
+           "cifar": fig_cifar, "int8": fig_int8}
+    for f in figs:
+        print(f"[{f}] {TITLES[f]}", flush=True)
+        rows += fns[f](args)
+        write(rows, env, out / "perf" / "perf.parquet", out / "perf.md")  # after each figure: nothing lost
+    print(f"wrote {out / 'perf.md'} and {out / 'perf' / 'perf.parquet'}")
