@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write the verdict and every comparison as a Markdown page (written on pass and fail)")
     p.add_argument("--update", action="store_true",
                    help="write the latest run of the grid to --baseline instead of checking (after reviewing it)")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="with --update: accept rows from a dirty tree or from several commits")
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     if metrics and (bad := [m for m in metrics if m not in METRICS]):
@@ -103,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         if cur.empty or (cur["status"] != "ok").any():
             raise BenchError(f"the latest run of grid {args.grid} in {args.out} is empty or has failed cells; "
                              "fix them before making it the reference")
+        commits = sorted(set(cur["git_commit"].fillna("").astype(str)))
+        if not args.allow_dirty and (len(commits) != 1 or not commits[0] or commits[0].endswith("-dirty")):
+            raise BenchError(f"the run of grid {args.grid} in {args.out} comes from commit(s) {commits}; a reference "
+                             "comes from one clean commit (commit first, rerun with --no-resume), or pass --allow-dirty")
         write_file(cur, args.baseline)
         print(f"wrote {len(cur)} cells of grid {args.grid} to {args.baseline}")
         return 0

@@ -96,7 +96,7 @@ def test_usage_errors(tmp_path, capsys):
 
 def test_bounded_metric_gets_no_relative_window(setup):
     """Coverage is in [0, 1]: one lost class in ten is 0.1 whatever the reference, and a relative window would let a
-    cell at coverage 1.0 lose 2 classes under a 25% rel_tol (issue 13)."""
+    cell at coverage 1.0 lose 2 classes under a 25% rel_tol (the old rule)."""
     tmp_path, ref = setup
     ref_df = read_runs(tmp_path / "runs")
     cur = ref_df.copy()
@@ -193,3 +193,21 @@ def test_nightly_prints_the_check_table_when_a_cell_failed():
     assert summary and "always()" in summary[0]["if"] and "results/check.md" in summary[0]["run"]
     upload = [s for s in later if "upload-artifact" in s.get("uses", "")]
     assert upload and "always()" in upload[0]["if"] and "results/check.md" in upload[0]["with"]["path"]
+
+
+@pytest.mark.parametrize("commits, ok", [(["abc"], True), (["abc-dirty"], False), (["abc", "def"], False)])
+def test_update_takes_one_clean_commit_only(tmp_path, commits, ok, capsys):
+    from bench.errors import BenchError
+
+    for i, r in enumerate(rows()):
+        r["git_commit"] = commits[i % len(commits)]
+        write_row(tmp_path / "runs", r)
+    argv = ["--update", "--grid", "g", "--out", str(tmp_path), "--baseline", str(tmp_path / "ref.parquet")]
+    if ok:
+        assert main(argv) == 0 and len(pd.read_parquet(tmp_path / "ref.parquet")) == len(rows())
+    else:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == BenchError.exit_code and "one clean commit" in capsys.readouterr().err
+        assert not (tmp_path / "ref.parquet").exists()
+        assert main([*argv, "--allow-dirty"]) == 0
