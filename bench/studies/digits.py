@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.harness.store import read_runs, runs_dir, write_file
+from bench.harness.store import read_file, read_runs, runs_dir, write_file
 from bench.reporting.tables import bits_order, mean_ci
 
 HERE = Path(__file__).resolve().parents[2] / "results"  # the page, its rows and plots live in results/
@@ -142,21 +142,53 @@ def tdac_plot(df: pd.DataFrame, out: Path) -> str | None:
     return None
 
 
+def provenance_lines(ok) -> list[str]:
+    """Which commits the rows come from, and whether they predate the method-fidelity fixes (results/fidelity.md):
+    a page that mixes commits says so instead of showing one."""
+    from bench.studies.fidelity import FIXES
+
+    counts = ok.git_commit.fillna("?").astype(str).value_counts()
+    listed = ", ".join(f"{c[:12]}{'-dirty' if c.endswith('-dirty') else ''} ({n} cells)" for c, n in counts.items())
+    lines = [f"Rows from {len(counts)} commit(s): {listed}.", ""]
+    last_fix = FIXES[-1][0]
+    stale = [c for c in counts.index if not _contains(c.removesuffix("-dirty"), last_fix)]
+    if stale:
+        lines += [f"**These rows predate the method-fidelity fixes** ({len(stale)} of {len(counts)} commits do not "
+                  f"contain fix {last_fix}; see results/fidelity.md and docs/fidelity.md). They are kept as the record "
+                  "of what was measured then; read no ranking from them until the grid is rerun from one clean "
+                  "commit.", ""]
+    return lines
+
+
+def _contains(commit: str, ancestor: str) -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, commit], cwd=HERE,
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="python -m bench.studies.digits", description=__doc__.splitlines()[0]).parse_args(argv)
     df = read_runs(runs_dir(HERE), grid="digits")
+    if df.empty and (HERE / "digits-study.parquet").is_file():  # re-render from the committed rows
+        df = read_file(HERE / "digits-study.parquet")
+    elif not df.empty:
+        write_file(df, HERE / "digits-study.parquet")
     if df.empty:
         print("no digits rows in results/runs; run `python -m bench.run --grid digits` first", file=sys.stderr)
         return 1
     ok = df[df.status == "ok"].copy()
-    write_file(df, HERE / "digits-study.parquet")
     settings = [b for b in bits_order(ok.bits) if b != "FP"]
     fp = ok[ok.method == "fp"]
     seeds = sorted(ok.seed.unique())
     lines = ["# Digits study: EDA-DM against its baselines on digits-ddpm", "",
              f"{len(ok)} cells ok, {int((df.status != 'ok').sum())} failed · seeds {', '.join(map(str, seeds))} · "
-             f"{int(ok.samples.iloc[0])} samples per cell · git {ok.git_commit.iloc[-1][:12]} · "
+             f"{int(ok.samples.iloc[0])} samples per cell · "
              "regenerate: `python -m bench.run --grid digits && python -m bench.studies.digits`", "",
+             *provenance_lines(ok),
              "Each entry is the mean over seeds ± the 95% Student-t half-width (n = 3 seeds: t = 4.30, so intervals "
              "are wide). FID/KID use Inception features against the 360 held-out digits; *vs FP* compares with the FP "
              "model's samples from the same seed and the same initial noise; digits-FID uses the small digits "
