@@ -20,6 +20,10 @@ Figures (keys for --only):
 - cifar     (e) EDA-DM W4A8 quantization time on the DDIM CIFAR-10 UNet at the official budget (N = 1024 calibration
                 samples, 5000 iterations x batch 32 per unit), extrapolated from measured pieces (target: <= 20 min on
                 one H100; only a GPU run can check it).
+- budget    (g) EDA-DM W4A8 on digits-ddpm at the official budget, projected from every unit's iteration at batch 32
+                and the FP passes it needs, with the fused training fake-quant (eda.quantizer.FUSED_TRAINING) and
+                with the composed ops before it side by side, against the 30-minute target on 2 cores; where the
+                slowest unit's iteration spends its time (torch.profiler).
 
 Timings alternate the two sides (A B A B ...) and report the median, so a noisy neighbour slows both alike.
 """

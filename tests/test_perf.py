@@ -95,3 +95,29 @@ def test_a_later_only_run_keeps_the_other_figures(tmp_path):
     assert sorted(zip(df.figure, df.case, df.time)) == [("ray", "b", "t2"), ("sampling", "c", "t3")]
     text = page.read_text()
     assert "Measured t2 by `python -m bench.perf --only ray`" in text and "Measured t3" in text
+
+
+def test_budget_figure_times_every_unit_on_both_training_paths_and_restores_the_flag(tiny_unet, monkeypatch):
+    """Figure (g): one timing per reconstruction unit for each path, the projection sums them over 5000 iterations,
+    the profile names real ops, and FUSED_TRAINING is back to its value afterwards."""
+    import types
+
+    import bench.models.registry
+    import eda.quantizer
+    from eda.units import reconstruction_units
+
+    monkeypatch.setattr(bench.models.registry, "load_model", lambda name: types.SimpleNamespace(unet=tiny_unet))
+    seen = []
+    real = perf_figures._UnitBench.cached_iteration
+    monkeypatch.setattr(perf_figures._UnitBench, "cached_iteration",
+                        lambda self: (seen.append(eda.quantizer.FUSED_TRAINING), real(self))[1])
+    rows = perf_figures.fig_budget(types.SimpleNamespace(quick=True))
+    assert eda.quantizer.FUSED_TRAINING is True and {True, False} <= set(seen)
+    speed, target = rows
+    d = __import__("json").loads(speed["details"])
+    n_units = len(reconstruction_units(perf_figures._quantized(tiny_unet, "W4A8", perf_figures._calib(tiny_unet, 2))))
+    assert d["units"] == n_units == len(d["per_unit_iteration_s"])
+    fused = 5000 * sum(t["fused"] for t in d["per_unit_iteration_s"].values()) + d["fixed_s"]
+    assert speed["ours_seconds"] == pytest.approx(fused) and target["ours_seconds"] == pytest.approx(fused)
+    assert target["baseline_seconds"] == 1800 and target["ratio_kind"] == "overhead"
+    assert d["slowest_unit_top_ops"] and all(0 < o["share"] <= 1 for o in d["slowest_unit_top_ops"])

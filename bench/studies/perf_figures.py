@@ -424,3 +424,86 @@ def fig_cifar(args) -> list[dict]:
                 units=len(units), measured_units=len(measured), iteration_batch=b,
                 per_iteration_s_at_batch=per_kind, seconds_per_sample_call=t_call, **pieces,
                 gpu="not lent in this session" if not torch.cuda.is_available() else torch.cuda.get_device_name())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (g) EDA-DM W4A8 on digits at the official budget: the reconstruction throughput target
+
+
+@contextlib.contextmanager
+def fused_training(on: bool):
+    """eda.quantizer.FUSED_TRAINING: the activation fake-quant of training as one autograd Function (on) or the
+    composed torch ops of the official formula (off, the path before it)."""
+    import eda.quantizer
+
+    old = eda.quantizer.FUSED_TRAINING
+    eda.quantizer.FUSED_TRAINING = on
+    try:
+        yield
+    finally:
+        eda.quantizer.FUSED_TRAINING = old
+
+
+def _top_ops(fn, k: int = 6) -> list[dict]:
+    """The k ops with the most self CPU time in one call of fn (torch.profiler), as fractions of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events[:k]]
+
+
+def fig_budget(args) -> list[dict]:
+    """EDA-DM W4A8 on digits-ddpm at its official budget (N = 1024 calibration samples, 5000 iterations at batch 32
+    per unit; EDA-DM scripts/for_cifar.sh) projected from pieces measured here at the official batch: one FP UNet
+    call per sample (trajectories of 100 steps, activation ranges, input collection: a quantized and an FP pass up
+    to each unit, bounded by a whole UNet pass each) and every unit's reconstruction iteration, with the fused
+    training fake-quant and with the composed ops before it, side by side. Target: 30 minutes on 2 cores."""
+    from bench.models.registry import load_model
+    from eda.units import reconstruction_units
+
+    N, steps, iters, batch = 1024, 100, 5000, 32
+    unet = load_model("digits-ddpm").unet.eval()
+    calib = _calib(unet, batch)
+    with torch.no_grad():
+        t_call = alternate({"fp": lambda: unet(calib.xs, calib.ts)}, 3)["fp"] / batch
+    t = time.perf_counter()
+    q = _quantized(unet, "W4A8", calib)
+    t_ranges = (time.perf_counter() - t) / batch
+    units = reconstruction_units(q)
+    reps = 2 if args.quick else 4
+    per_unit = {}
+    for u in units:
+        ub = _UnitBench(q, unet, u, calib, batch)
+
+        def fused(ub=ub):
+            with fused_training(True):
+                ub.cached_iteration()
+
+        def composed(ub=ub):
+            with fused_training(False):
+                ub.cached_iteration()
+
+        per_unit[u.name] = (u.kind, alternate({"fused": fused, "composed": composed}, reps))
+    slowest = max(per_unit, key=lambda n: per_unit[n][1]["fused"])
+    ub = _UnitBench(q, unet, next(u for u in units if u.name == slowest), calib, batch)
+    with fused_training(True):
+        ops = _top_ops(ub.cached_iteration)
+    fixed = N * steps * t_call + N * t_ranges + len(units) * 2 * N * t_call
+    recon = {k: iters * sum(t[k] for _, t in per_unit.values()) for k in ("fused", "composed")}
+    total = {k: fixed + v for k, v in recon.items()}
+    threads = torch.get_num_threads()
+    print(f"  digits EDA-DM W4A8 at the official budget ({threads} thread(s)): fused {total['fused'] / 60:.1f} min, "
+          f"composed {total['composed'] / 60:.1f} min (reconstruction {recon['fused'] / 60:.1f} / "
+          f"{recon['composed'] / 60:.1f} min, the rest {fixed / 60:.1f} min); slowest unit {slowest}: "
+          + ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops[:4]), flush=True)
+    extra = dict(units=len(units), threads=threads, per_unit_iteration_s={n: t for n, (_, t) in per_unit.items()},
+                 fixed_s=fixed, seconds_per_sample_call=t_call, slowest_unit=slowest, slowest_unit_top_ops=ops)
+    return [row("budget", "digits-ddpm EDA-DM W4A8, official budget: fused training fake-quant vs composed ops",
+                "composed ops (before)", total["composed"], "fused (now)", total["fused"], "speedup", None, **extra),
+            row("budget", "digits-ddpm EDA-DM W4A8, official budget (projected, this machine) vs the 30-minute target",
+                "target: 30 min on 2 cores", 30 * 60, "projected here", total["fused"], "overhead", 1.0, **extra)]

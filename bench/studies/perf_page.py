@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from bench.harness import provenance
-from bench.studies.perf_figures import fig_artifacts, fig_cifar, fig_ray, fig_recon, fig_sampling
+from bench.studies.perf_figures import fig_artifacts, fig_budget, fig_cifar, fig_ray, fig_recon, fig_sampling
 from bench.studies.perf_int8 import fig_int8
 
-FIGURES = ("recon", "sampling", "artifacts", "ray", "cifar", "int8")
+FIGURES = ("recon", "sampling", "artifacts", "ray", "cifar", "int8", "budget")
 
 
 def environment(argv: list[str]) -> dict:
@@ -46,7 +46,9 @@ TITLES = {"recon": "(a) Reconstruction iteration: cached FP targets vs the offic
           "ray": "(d) Ray scaling",
           "cifar": "(e) EDA-DM W4A8 on the CIFAR-10 UNet at the official budget (extrapolated)",
           "int8": "(f) Integer inference: W8A8 on int8 kernels vs FP32 and fake-quant (target: >= 1.5x FP32, CIFAR-10 "
-                  "UNet call at batch 8)"}
+                  "UNet call at batch 8)",
+          "budget": "(g) EDA-DM W4A8 on digits at the official budget: reconstruction throughput (target: 30 min on "
+                    "2 cores)"}
 
 
 def render(df, env: dict) -> str:
@@ -86,6 +88,13 @@ def render(df, env: dict) -> str:
                       "attention blocks (q/k/v/softmax quantized, bmm in FP32). Layer rows: max error relative to "
                       "the exact integer result in `details`; ONNX Runtime and x86-inductor rows appear only where "
                       "`pip install -e '.[int8]'` installed them."]
+        if fig == "budget":
+            d = json.loads(part.details.iloc[0])
+            ops = ", ".join(f"{o['op']} {o['share']:.0%}" for o in d["slowest_unit_top_ops"])
+            lines += ["", f"{d['units']} reconstruction units, {d['threads']} torch thread(s); the parts that do not "
+                      f"depend on the training path (trajectories, ranges, input collection) take "
+                      f"{d['fixed_s'] / 60:.1f} min. Where an iteration of the slowest unit ({d['slowest_unit']}) "
+                      f"spends its CPU time (torch.profiler, self time): {ops}."]
         if fig == "cifar":
             d = json.loads(part.details.iloc[0])
             lines += ["", "Pieces (hours on this machine): " + ", ".join(
@@ -104,7 +113,7 @@ def run(figs: list[str], args, argv: list[str], out: Path) -> None:
     print(f"bench.perf on {env['device']}, {env['threads']} thread(s), commit {env['git_commit'][:12]}", flush=True)
     rows: list[dict] = []
     fns = {"recon": fig_recon, "sampling": fig_sampling, "artifacts": fig_artifacts, "ray": fig_ray,
-           "cifar": fig_cifar, "int8": fig_int8}
+           "cifar": fig_cifar, "int8": fig_int8, "budget": fig_budget}
     for f in figs:
         print(f"[{f}] {TITLES[f]}", flush=True)
         rows += fns[f](args)
