@@ -11,7 +11,17 @@ import sys
 
 from eda.errors import BenchError, UsageError
 
-__all__ = ["BenchError", "UsageError", "cli_main"]
+__all__ = ["BenchError", "UsageError", "cli_main", "hf_download_command"]
+
+
+def hf_download_command() -> str:
+    """The download command the installed huggingface_hub provides, for the offline errors that tell a person to
+    fetch a model: `hf download` (huggingface_hub >= 0.34; 1.0 dropped `huggingface-cli`), else the older
+    `huggingface-cli download`. Read from the package's console scripts, so the message names what is installed."""
+    from importlib.metadata import entry_points
+
+    names = {e.name for e in entry_points(group="console_scripts") if e.value.startswith("huggingface_hub")}
+    return "huggingface-cli download" if "hf" not in names and "huggingface-cli" in names else "hf download"
 
 
 def cli_main(fn):

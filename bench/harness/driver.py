@@ -35,7 +35,8 @@ def run_grid(args) -> int:
     if unknown:
         from bench.models.registry import available_models
 
-        raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected some of {', '.join(available_models())}")
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected some of {', '.join(available_models())} "
+                         "or a local directory saved with save_pretrained")
     if args.dry_run:
         print_plan(grid, cells, todo, status, resources(grid, args, local_resources()),
                    "Ray is not started by a dry run")

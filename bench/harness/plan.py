@@ -65,10 +65,17 @@ def check_methods(grid: Grid) -> list[str]:
 
 
 def model_status(name: str) -> tuple[bool, str]:
-    """(available, reason) without loading weights: registered in bench.models, then the zoo's offline check."""
+    """(available, reason) without loading weights: registered in bench.models, then the zoo's offline check; a
+    local directory (as bench.models.load_model accepts, so a grid can name one as the CLIs do) when it holds a
+    diffusers UNet config."""
     from bench.models.registry import available_models
 
     if name not in available_models():
+        if os.path.isdir(name):
+            unet = "unet/config.json" if os.path.isfile(os.path.join(name, "unet", "config.json")) else "config.json"
+            if os.path.isfile(os.path.join(name, unet)):
+                return True, f"local diffusers directory ({unet})"
+            return False, "a directory without a diffusers UNet (config.json or unet/config.json)"
         return False, "not registered in bench.models"
     try:
         from bench.models.zoo import model_availability

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.errors import BenchError, UsageError
+from bench.errors import BenchError, UsageError, hf_download_command
 
 CLIP_ID = "openai/clip-vit-large-patch14"
 ENV_CLIP = "EDA_BENCH_CLIP"
@@ -44,8 +44,8 @@ def resolve_clip_dir(model_dir: str | os.PathLike | None = None) -> Path:
             return snap
     except Exception:  # not in the cache (or no cache at all): same answer
         pass
-    raise BenchError(f"CLIP score needs {CLIP_ID}: download it into the Hugging Face cache (`huggingface-cli "
-                     f"download {CLIP_ID}`) or save it to a folder and set ${ENV_CLIP}")
+    raise BenchError(f"CLIP score needs {CLIP_ID}: download it into the Hugging Face cache (`{hf_download_command()} "
+                     f"{CLIP_ID}`) or save it to a folder and set ${ENV_CLIP}")
 
 
 def clip_availability(model_dir: str | os.PathLike | None = None) -> tuple[bool, str]:

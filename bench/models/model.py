@@ -34,6 +34,10 @@ class DiffusionModel:
     # Text-to-image models: the prompt of each sample, (n, seed) -> list[str], in the order `conditioning` encodes
     # them (the CLIP score compares each image with its prompt).
     prompts: Callable[[int, int], list[str]] | None = None
+    # What the UNet predicts: "epsilon" (every built-in model), "v_prediction" or "sample" (a diffusers scheduler
+    # config's prediction_type). `eps_fn` returns the raw output; the sampler converts it
+    # (bench.models.sampling.model_output_to_x0_eps).
+    prediction_type: str = "epsilon"
 
     def unet_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None):
         """The batch the UNet actually sees for (x_t, t, cond) -> (x, t, kwargs): [uncond; cond] when
@@ -41,7 +45,8 @@ class DiffusionModel:
         return guided_inputs(x, t, cond, guidance=self.guidance_scale != 1.0)
 
     def eps_fn(self, unet: torch.nn.Module | None = None, cond: dict[str, torch.Tensor] | None = None):
-        """The sampler's view of `unet` (default: this model's FP UNet): (x_t, t) -> predicted noise, with
+        """The sampler's view of `unet` (default: this model's FP UNet): (x_t, t) -> the network's prediction (noise,
+        or v / x0 as `prediction_type` says), with
         classifier-free guidance eps_u + s (eps_c - eps_u) when `cond` carries `uncond_*` keys (see unet_inputs)."""
         net = self.unet if unet is None else unet
 
@@ -71,7 +76,8 @@ class DiffusionModel:
             return self.eps_fn(unet, None if cond is None else {k: v[start:stop] for k, v in cond.items()})
 
         return sample(per_batch, n, self.sample_shape, self.alphas_cumprod, sampler or self.sampler, seed=seed,
-                      batch_size=batch_size, device=device, hooks=hooks, progress=progress, per_batch=True)
+                      batch_size=batch_size, device=device, hooks=hooks, progress=progress, per_batch=True,
+                      prediction_type=self.prediction_type)
 
     def timesteps(self, sampler: SamplerConfig | None = None) -> list[int]:
         """The training time steps the sampler visits (default: this model's sampler), as `generate` runs them."""

@@ -22,6 +22,12 @@ from eda.hooks import StepRecord  # the hook record calibration is written again
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# What the network predicts (diffusers' scheduler config `prediction_type`): the sampler turns each into (x0, eps).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Time-step spacings: the DDIM repository's quad and uniform (= diffusers' "leading"), and diffusers' "trailing" and
+# "linspace" (schedulers/scheduling_ddim.py:DDIMScheduler.set_timesteps).
+SKIP_TYPES = ("quad", "uniform", "trailing", "linspace")
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -40,12 +46,17 @@ class SamplerConfig:
     skip: str = "quad"
     offset: int = 0  # added to every time step (CompVis `make_ddim_timesteps` adds 1)
     set_alpha_to_one: bool = True  # alpha_bar before the first time step: 1 (DDIM repo) or alpha_bar_0 (CompVis)
+    # diffusers' clip_sample / clip_sample_range: clamp the predicted x0 to [-clip_x0, clip_x0] (DDIM and DDPM
+    # steps; 0 = no clamp, the DDIM repository and CompVis). PLMS never clips (neither CompVis nor diffusers' PNDM).
+    clip_x0: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("ddim", "ddpm", "plms"):
             raise UsageError(f"unknown sampler kind {self.kind!r}; expected 'ddim', 'ddpm' or 'plms'")
-        if self.skip not in ("quad", "uniform"):
-            raise UsageError(f"unknown skip type {self.skip!r}; expected 'quad' or 'uniform'")
+        if self.skip not in SKIP_TYPES:
+            raise UsageError(f"unknown skip type {self.skip!r}; expected one of {', '.join(SKIP_TYPES)}")
+        if self.clip_x0 < 0:
+            raise UsageError(f"sampler clip_x0 must be >= 0 (0 = no clipping), got {self.clip_x0}")
         if self.steps < 1:
             raise UsageError(f"sampler steps must be >= 1, got {self.steps}")
         if self.offset < 0:
@@ -53,7 +64,8 @@ class SamplerConfig:
 
     def describe(self) -> str:
         s = f"{self.kind}{self.steps}-eta{self.eta:g}-{self.skip}"
-        return s + (f"+{self.offset}" if self.offset else "") + ("" if self.set_alpha_to_one else "-a0")
+        s += (f"+{self.offset}" if self.offset else "") + ("" if self.set_alpha_to_one else "-a0")
+        return s + (f"-clip{self.clip_x0:g}" if self.clip_x0 else "")
 
 
 def timesteps(cfg: SamplerConfig, num_train_timesteps: int = 1000) -> list[int]:
@@ -61,6 +73,8 @@ def timesteps(cfg: SamplerConfig, num_train_timesteps: int = 1000) -> list[int]:
 
     uniform: range(0, T, T // steps). quad: int(s) for s in linspace(0, sqrt(0.8 T), steps)**2, which covers
     0..0.8T and repeats small values (0 appears four times for T=1000, steps=100); we keep that quirk.
+    trailing: round(arange(T, 0, -T / steps)) - 1; linspace: round(linspace(0, T - 1, steps)), as diffusers'
+    schedulers/scheduling_ddim.py:DDIMScheduler.set_timesteps ("leading" + steps_offset is uniform + offset).
     """
     T, n = num_train_timesteps, cfg.steps
     if cfg.kind == "ddpm" and n >= T:
@@ -68,6 +82,10 @@ def timesteps(cfg: SamplerConfig, num_train_timesteps: int = 1000) -> list[int]:
     elif cfg.skip == "uniform":
         skip = max(T // n, 1)
         seq = list(range(0, T, skip))[:n]
+    elif cfg.skip == "trailing":
+        seq = sorted(int(t) - 1 for t in np.round(np.arange(T, 0, -T / n)))
+    elif cfg.skip == "linspace":
+        seq = [int(t) for t in np.linspace(0, T - 1, n).round()]
     else:
         seq = [int(s) for s in np.linspace(0, np.sqrt(T * 0.8), n) ** 2]
     if cfg.offset:
@@ -75,6 +93,34 @@ def timesteps(cfg: SamplerConfig, num_train_timesteps: int = 1000) -> list[int]:
         if seq[-1] >= T:
             raise UsageError(f"sampler offset {cfg.offset} pushes time step {seq[-1]} past T-1 = {T - 1}")
     return seq
+
+
+def previous_timesteps(cfg: SamplerConfig, seq: list[int], num_train_timesteps: int) -> list[int]:
+    """The time step each step of `seq` lands on (-1: past the start, alpha_bar = 1 or alpha_bar_0).
+
+    Normally the previous element of the sequence. diffusers' DDIMScheduler.step (schedulers/scheduling_ddim.py)
+    instead always lands on t - T // steps; for "trailing" and "linspace" spacings that can differ from the next
+    time step the model is evaluated at (e.g. linspace, T=1000, 10 steps: 999 -> 899, then the model sees 888).
+    A model folder's scheduler config asks for diffusers' sampler, so DDIM with those spacings follows diffusers.
+    """
+    if cfg.kind == "ddim" and cfg.skip in ("trailing", "linspace"):
+        ratio = num_train_timesteps // cfg.steps
+        return [t - ratio if t - ratio >= 0 else -1 for t in seq]
+    return [-1] + seq[:-1]
+
+
+def model_output_to_x0_eps(out: torch.Tensor, x: torch.Tensor, at: float, prediction_type: str = "epsilon"):
+    """(x0, eps) from the network's output at alpha_bar `at`, as diffusers' DDIMScheduler.step converts them
+    (schedulers/scheduling_ddim.py, step 3): epsilon: x0 = (x - sqrt(1-a) eps) / sqrt(a); v_prediction:
+    x0 = sqrt(a) x - sqrt(1-a) v, eps = sqrt(a) v + sqrt(1-a) x; sample: eps = (x - sqrt(a) x0) / sqrt(1-a).
+    v is converted directly, never through eps: (x - sqrt(1-a) eps) / sqrt(a) loses precision where a is small."""
+    if prediction_type == "epsilon":
+        return (x - out * (1 - at) ** 0.5) / at**0.5, out
+    if prediction_type == "v_prediction":
+        return at**0.5 * x - (1 - at) ** 0.5 * out, at**0.5 * out + (1 - at) ** 0.5 * x
+    if prediction_type == "sample":
+        return out, (x - at**0.5 * out) / (1 - at) ** 0.5
+    raise UsageError(f"unknown prediction type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
 
 
 def _alpha(alphas_cumprod: torch.Tensor, t: int, one_at_start: bool = True) -> float:
@@ -88,23 +134,28 @@ def _alpha(alphas_cumprod: torch.Tensor, t: int, one_at_start: bool = True) -> f
 @torch.no_grad()
 def sample_batch(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: SamplerConfig,
                  generator: torch.Generator | None = None, hooks: Iterable[Callable[[StepRecord], None]] = (),
-                 offset: int = 0):
-    """Denoise one batch from x_T to x_0. Each hook is called once per step with a StepRecord."""
+                 offset: int = 0, prediction_type: str = "epsilon"):
+    """Denoise one batch from x_T to x_0. Each hook is called once per step with a StepRecord (its `eps` is the
+    network's output as it is, whatever `prediction_type` says it predicts: what calibration reconstructs)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise UsageError(f"unknown prediction type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
     hooks = list(hooks)
     seq = timesteps(cfg, len(alphas_cumprod))
-    seq_next = [-1] + seq[:-1]
+    seq_next = previous_timesteps(cfg, seq, len(alphas_cumprod))
     x = x_T
-    old_eps: list[torch.Tensor] = []  # PLMS history of model outputs, newest last
+    old_eps: list[torch.Tensor] = []  # PLMS history of eps, newest last
     for index, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        eps = eps_fn(x, t)
+        out = eps_fn(x, t)
         for h in hooks:
-            h(StepRecord(index, i, x, eps, offset))
+            h(StepRecord(index, i, x, out, offset))
         at, at_next = _alpha(alphas_cumprod, i), _alpha(alphas_cumprod, j, cfg.set_alpha_to_one)
+        x0, eps = model_output_to_x0_eps(out, x, at, prediction_type)
         if cfg.kind == "plms":
-            x = _plms_step(eps_fn, x, eps, old_eps, i, j, at, at_next)
+            x = _plms_step(eps_fn, x, eps, old_eps, i, j, at, at_next, alphas_cumprod, prediction_type)
             continue
-        x0 = (x - eps * (1 - at) ** 0.5) / at**0.5
+        if cfg.clip_x0:  # diffusers' clip_sample: x0 only; eps stays the model's (use_clipped_model_output=False)
+            x0 = x0.clamp(-cfg.clip_x0, cfg.clip_x0)
         if cfg.kind == "ddim":
             # DDIM Eq. 12 with sigma from Eq. 16 (generalized_steps in the DDIM repository).
             c1 = cfg.eta * ((1 - at / at_next) * (1 - at_next) / (1 - at)) ** 0.5
@@ -127,12 +178,19 @@ def _ddim0(x: torch.Tensor, eps: torch.Tensor, at: float, at_next: float) -> tor
 
 
 def _plms_step(eps_fn: EpsFn, x: torch.Tensor, eps: torch.Tensor, old_eps: list[torch.Tensor], i: int, j: int,
-               at: float, at_next: float) -> torch.Tensor:
+               at: float, at_next: float, alphas_cumprod: torch.Tensor | None = None,
+               prediction_type: str = "epsilon") -> torch.Tensor:
     """One step of CompVis' PLMS (Liu et al. 2022, PNDM): Adams-Bashforth combinations of the last 4 eps, and a
-    pseudo improved-Euler (Heun) first step that costs one extra model call at the next time step."""
+    pseudo improved-Euler (Heun) first step that costs one extra model call at the next time step. A v- or
+    x0-predicting network's outputs are turned into eps at their own time step first, as Stability's SD 2 PLMSSampler
+    does (ldm/models/diffusion/plms.py: predict_eps_from_z_and_v)."""
     if not old_eps:
         t_next = torch.full((x.shape[0],), j if j >= 0 else i, dtype=torch.long, device=x.device)
-        eps_next = eps_fn(_ddim0(x, eps, at, at_next), t_next)
+        x_next = _ddim0(x, eps, at, at_next)
+        eps_next = eps_fn(x_next, t_next)
+        if prediction_type != "epsilon":
+            a_next = _alpha(alphas_cumprod, j if j >= 0 else i)
+            eps_next = model_output_to_x0_eps(eps_next, x_next, a_next, prediction_type)[1]
         eps_prime = (eps + eps_next) / 2
     elif len(old_eps) == 1:
         eps_prime = (3 * eps - old_eps[-1]) / 2
@@ -161,7 +219,7 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def sample(eps_fn: EpsFn | Callable[[int, int], EpsFn], n: int, shape: tuple[int, ...], alphas_cumprod: torch.Tensor,
            cfg: SamplerConfig, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
            hooks: Iterable[Callable[[StepRecord], None]] = (), progress: bool = False,
-           per_batch: bool = False) -> torch.Tensor:
+           per_batch: bool = False, prediction_type: str = "epsilon") -> torch.Tensor:
     """Sample n images (returned on CPU). Deterministic for a seed, independent of batch size for eta = 0.
 
     With per_batch=True, `eps_fn(start, stop)` is called once per batch and returns that batch's eps function
@@ -178,5 +236,6 @@ def sample(eps_fn: EpsFn | Callable[[int, int], EpsFn], n: int, shape: tuple[int
         gen = torch.Generator().manual_seed(seed * 1_000_003 + b)  # per-step noise for eta > 0 / ddpm
         xb = x_T[s:s + batch_size].to(device)
         fn = eps_fn(s, s + len(xb)) if per_batch else eps_fn
-        outs.append(sample_batch(fn, xb, alphas_cumprod, cfg, generator=gen, hooks=hooks, offset=s).cpu())
+        outs.append(sample_batch(fn, xb, alphas_cumprod, cfg, generator=gen, hooks=hooks, offset=s,
+                                 prediction_type=prediction_type).cpu())
     return torch.cat(outs) if outs else torch.empty((0, *shape))

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench.errors import BenchError, UsageError
+from bench.errors import BenchError, UsageError, hf_download_command
 from bench.models.directory import _read_unet
 from bench.models.model import DiffusionModel
 from bench.models.registry import register_model
@@ -169,7 +169,7 @@ def _missing_message(entry: ZooEntry, looked: list[Path]) -> str:
                 f"{ckpts[0]} {ckpts[0].parent}` and try again")
     if entry.hub_id:
         return (f"{entry.name} is not available offline: download the diffusers repo {entry.hub_id} into the Hugging "
-                f"Face cache (`huggingface-cli download {entry.hub_id}` with HF_HOME set as when running), or save "
+                f"Face cache (`{hf_download_command()} {entry.hub_id}` with HF_HOME set as when running), or save "
                 f"it with save_pretrained into {target}; looked in {where} and the HF cache")
     return (f"{entry.name} is not available offline: download {entry.ckpt_url}, take model.ckpt and convert it with "
             f"`python -m bench.convert {entry.name} model.ckpt DIR` with DIR = {target}; looked in {where}")
