@@ -24,8 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"grid name under bench/grids/ ({', '.join(available_grids())}) or a .toml path "
                         f"(default: {DEFAULT_GRID})")
     p.add_argument("--address", default=None,
-                   help="Ray cluster to join, e.g. 'auto' or ray://host:10001 (default: start a local cluster, "
-                        "dashboard off)")
+                   help="Ray cluster to join, e.g. 'auto', host:6379 or ray://host:10001 (default: $RAY_ADDRESS, as "
+                        "`ray job submit` sets it, else a fresh local cluster with the dashboard off). On a cluster "
+                        "the packages eda/, baselines/, bench/ and the EDA_BENCH_*, HF_HOME, HF_HUB_OFFLINE variables "
+                        "travel to the workers in Ray's runtime_env")
+    p.add_argument("--runtime-env-json", default=None, metavar="JSON",
+                   help="merged into the workers' Ray runtime_env: env_vars are added, other keys replace ours, "
+                        "null removes one; e.g. '{\"py_modules\": null}' when the nodes have eda-bench installed, or "
+                        "'{\"pip\": [\"diffusers\"]}'")
     p.add_argument("--out", default="results", help="results directory (default: results/)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="rerun cells already in the store (default: skip them)")

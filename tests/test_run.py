@@ -146,6 +146,7 @@ def test_unavailable_model_fails_fast(tmp_path, capsys):
     (["--models", "nope"], "not in grid"),
     (["--seeds", "a"], "bad --seeds"),
     (["--set", "novalue"], "bad --set"),
+    (["--runtime-env-json", "{x"], "--runtime-env-json is not valid JSON"),
 ])
 def test_usage_errors_exit_2(argv, msg, capsys, tmp_path):
     assert run(*argv, "--dry-run", "--out", str(tmp_path)) == 2
@@ -165,5 +166,6 @@ def test_help_documents_every_flag(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--grid", "--address", "--out", "--no-resume", "--dry-run", "--max-workers", "--samples", "--seeds",
-                 "--methods", "--bits", "--set", "--models", "--gpus-per-worker", "--import"):
+                 "--methods", "--bits", "--set", "--models", "--gpus-per-worker", "--import",
+                 "--runtime-env-json"):
         assert flag in text

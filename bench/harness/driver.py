@@ -21,6 +21,9 @@ from bench.harness.provenance import git_commit
 def run_grid(args) -> int:
     """The whole of `python -m bench.run` after argument parsing: plan, check, then a dry run or the run itself."""
     grid = plan(args)
+    from bench.harness.cluster import parse_runtime_env_json
+
+    parse_runtime_env_json(getattr(args, "runtime_env_json", None))  # a typo fails now, not after planning
     import_plugins(grid.imports + args.imports)
     out = Path(args.out)
     cells = grid.cells()
@@ -47,22 +50,32 @@ def run_grid(args) -> int:
 
 
 
-def start_ray(address: str | None):
+def start_ray(address: str | None, runtime_env_json: str | None = None):
+    """Join or start the cluster that bench.harness.cluster.resolve_address names, with the runtime_env it builds.
+    Returns True when this call started Ray (the caller shuts it down), False when a session already holds it."""
     import ray
 
+    from bench.harness.cluster import build_runtime_env, parse_runtime_env_json, resolve_address
+
+    extra = parse_runtime_env_json(runtime_env_json)  # a usage error whether or not Ray is already up
     if ray.is_initialized():  # e.g. a test session already holds a cluster
         return False
-    if address:
+    target = resolve_address(address, os.environ)
+    renv = build_runtime_env(target, os.environ, extra) or None
+    if not target.local:
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=target.address, runtime_env=renv, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise BenchError(f"could not join the Ray cluster at {address!r} ({str(e).splitlines()[0][:160]}); start "
-                             "one with `ray start --head` or drop --address to run on a local cluster") from None
+            fix = {"--address": "drop --address", "RAY_ADDRESS": "unset RAY_ADDRESS"}.get(target.source,
+                                                                                      "run outside the Ray job")
+            raise BenchError(f"could not join the Ray cluster at {target.address!r} (from {target.source}: "
+                             f"{str(e).splitlines()[0][:160]}); start one with `ray start --head`, or {fix} to run on "
+                             "a local cluster") from None
     else:
         # Ray starts workers at nice 15; on a shared machine that starves the grid (and distorts its timings).
         # Ray's own job manager runs submitted jobs' workers at niceness 0 (dashboard/modules/job/job_manager.py).
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env=renv)
     return True
 
 
@@ -109,7 +122,7 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
     started = False
     try:
         if runnable:
-            started = start_ray(args.address)
+            started = start_ray(args.address, getattr(args, "runtime_env_json", None))
             res = resources(grid, args, ray.cluster_resources())
             stats = execute(runnable, calibration_requests(cells), context, on_result,
                             num_workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
