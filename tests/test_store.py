@@ -82,3 +82,31 @@ def test_reference_file_round_trip(tmp_path):
                                   df.sort_values("cell_key").reset_index(drop=True), check_dtype=True)
     with pytest.raises(Exception, match="no results file"):
         read_file(tmp_path / "nope.parquet")
+
+
+NODE_COLUMNS = ("node_id", "gpu_name", "gpu_count", "cuda_version", "gpu_driver")
+
+
+def test_rows_written_before_the_node_columns_still_read(tmp_path):
+    """Stores and committed references written before the node/GPU columns: those read back as nulls."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.harness.store import FILE_SCHEMA, _table
+
+    old_schema = pa.schema([f for f in FILE_SCHEMA if f.name not in NODE_COLUMNS])
+    d = partition_dir(tmp_path / "runs", "g", "digits-ddpm", "rtn")
+    d.mkdir(parents=True)
+    pq.write_table(_table([make_row("old", method="rtn")], old_schema), d / "old-0.parquet")
+    write_row(tmp_path / "runs", {**make_row("new", method="rtn"), "node_id": "abc", "gpu_name": "NVIDIA H200",
+                                  "gpu_count": 1, "cuda_version": "12.8", "gpu_driver": "570.1"})
+    df = read_runs(tmp_path / "runs")
+    assert list(df.columns) == SCHEMA.names and str(df["gpu_count"].dtype) == "Int32"
+    df = df.set_index("cell_key")
+    assert df.loc["old", list(NODE_COLUMNS)].isna().all()
+    assert df.loc["new", "node_id"] == "abc" and df.loc["new", "gpu_count"] == 1
+    # a flat reference file of old rows (bench.check --baseline) too
+    flat = tmp_path / "ref.parquet"
+    pq.write_table(_table([make_row("old")], pa.schema(list(SCHEMA)[:3] + list(old_schema))), flat)
+    ref = read_file(flat)
+    assert len(ref) == 1 and ref[list(NODE_COLUMNS)].isna().all(axis=None)
