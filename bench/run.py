@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE in the driver and every worker first (registers extra models or methods)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
+    p.add_argument("--no-cell-logs", dest="cell_logs", action="store_false",
+                   help="do not print the running cells' log lines (sampling batch k/n, reconstruction unit i/m, "
+                        "...) as they arrive; each cell's log is still written to <out>/logs/")
     return p
 
 

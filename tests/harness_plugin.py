@@ -84,3 +84,17 @@ if "test-ok" not in available_methods():
     class _Abort(_Fake):
         def misbehave(self, m):
             os._exit(1)
+
+
+if "test-slow" not in available_methods():
+
+    @register_method("test-slow")
+    @dataclass(frozen=True)
+    class _Slow(_Fake):
+        """Like test-ok, after `sleep` seconds in quantize: a cell that is still running a while after it began."""
+        sleep: float = 0.0
+
+        def misbehave(self, m):
+            import time
+
+            time.sleep(m.sleep)

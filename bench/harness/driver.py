@@ -127,8 +127,10 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
             stats = execute(runnable, calibration_requests(cells), context, on_result,
                             num_workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
                             gpus_per_worker=res["gpus_per_worker"], imports=grid.imports + args.imports,
-                            cache_root=str(cache_root(out)), retries=args.retries, progress=progress,
-                            keep_actors=not started)
+                            # absolute: workers on other nodes use the same path, not one under their own cwd
+                            cache_root=str(cache_root(out).absolute()), retries=args.retries, progress=progress,
+                            keep_actors=not started,
+                            on_log=progress.cell_line if getattr(args, "cell_logs", True) else None)
     finally:
         progress.close()
         if started:
