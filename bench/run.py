@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the packages eda/, baselines/, bench/ and the EDA_BENCH_*, HF_HOME, HF_HUB_OFFLINE variables "
                         "travel to the workers in Ray's runtime_env")
     p.add_argument("--runtime-env-json", default=None, metavar="JSON",
-                   help="merged into the workers' Ray runtime_env: env_vars are added, other keys replace ours, "
-                        "null removes one; e.g. '{\"py_modules\": null}' when the nodes have eda-bench installed, or "
+                   help="merged into the workers' Ray runtime_env: env_vars and py_modules are added to ours (e.g. "
+                        "a --import plugin package), other keys replace ours, null removes one; e.g. "
+                        "'{\"py_modules\": null}' when the nodes have eda-bench installed, or "
                         "'{\"pip\": [\"diffusers\"]}'")
     p.add_argument("--out", default="results", help="results directory (default: results/)")
     p.add_argument("--no-resume", dest="resume", action="store_false",

@@ -50,6 +50,10 @@ def test_runtime_env_json_merges_over_ours():
     assert renv["env_vars"] == {**SETTINGS, "X": "1", "HF_HOME": "/other"}  # added to ours; values as strings
     assert renv["pip"] == ["diffusers"] and "py_modules" not in renv  # null removes our key
     assert parse_runtime_env_json(None) == {} and parse_runtime_env_json("") == {}
+    # py_modules are added to ours: a plugin package travels with the project's
+    renv = build_runtime_env(Target("auto", "--address"), ENV, {"py_modules": ["/src/myplugin"], "env_vars": None})
+    assert renv["py_modules"] == [str(REPO / p) for p in PACKAGES] + ["/src/myplugin"]
+    assert "env_vars" not in renv  # null removes ours, as for any key
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"env_vars": [1]}'])

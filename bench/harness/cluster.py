@@ -14,8 +14,8 @@ Runtime environment: Ray workers on other nodes do not inherit the driver's envi
     working_dir of the repository root: it uploads only the three packages (no results/, no .venv), leaves the
     workers' current directory alone, and puts the driver's code ahead of any eda-bench installed on the nodes,
     so the rows' git_commit (the driver's) is the code that ran. Nodes need only the dependencies installed.
-  - `--runtime-env-json` is merged on top (its env_vars added to ours; other keys replace ours, null removes one),
-    e.g. to add `--import`ed plugin packages to py_modules or pip packages the nodes lack.
+  - `--runtime-env-json` is merged on top: its env_vars and py_modules are added to ours (e.g. an `--import`ed
+    plugin package), other keys replace ours (e.g. pip packages the nodes lack), and null removes one.
 Inside a Ray job, Ray merges the job's runtime_env with ours and refuses a conflict (the same key, or the same
 environment variable): what the job was submitted with wins, so we drop those keys from ours, and ship no code when
 the job already ships some (working_dir or py_modules).
@@ -92,8 +92,11 @@ def build_runtime_env(target: Target, environ: Mapping[str, str], extra: dict | 
     if not target.local and not any(job.get(k) for k in CODE_KEYS):
         renv["py_modules"] = [str(repo / p) for p in PACKAGES if (repo / p).is_dir()]
     extra = dict(extra or {})
-    if "env_vars" in extra:
-        renv["env_vars"] = {**renv.get("env_vars", {}), **{k: str(v) for k, v in (extra.pop("env_vars") or {}).items()}}
+    if extra.get("env_vars") is not None:
+        renv["env_vars"] = {**renv.get("env_vars", {}), **{k: str(v) for k, v in extra.pop("env_vars").items()}}
+    if isinstance(extra.get("py_modules"), list):  # a plugin package (--import) goes along with ours
+        renv["py_modules"] = renv.get("py_modules", []) + [m for m in extra.pop("py_modules")
+                                                           if m not in renv.get("py_modules", [])]
     renv.update(extra)
     # the job's own settings win over ours: Ray refuses to merge a key (or an environment variable) set twice
     for k in job:
