@@ -41,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-workers", type=int, default=None,
                    help="at most this many actors (default: one per GPU / GPU fraction, else one per CPU slot)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPU share of one actor, e.g. 0.5 packs two actors per GPU (default: grid [resources], 1)")
+                   help="GPU share of one actor, e.g. 0.5 packs two actors per GPU, for every model (default: the "
+                        "model block's resources, else the grid's [resources], else 1)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPU cores of one actor; also its torch thread count (default: grid [resources], 1)")
+                   help="CPU cores of one actor; also its torch thread count, for every model (default: the model "
+                        "block's resources, else the grid's [resources], else 1)")
     p.add_argument("--retries", type=int, default=1,
                    help="times a cell is re-run after its worker crashed (default: 1)")
     p.add_argument("--samples", type=int, default=None, help="override the sample count of every model")

@@ -231,3 +231,13 @@ def test_cell_logging_takes_in_library_progress_lines_then_silences_them():
     lib.info("after the cell")
     assert "after the cell" not in buf.getvalue()
     assert (logging.getLogger("eda").level, logging.getLogger("eda").propagate) == before
+
+
+def test_model_block_resources_run_and_plan(ray_session, tmp_path, capsys):  # noqa: F811
+    grid = write_grid(tmp_path, ["fp", "test-ok"], bits=("W8A8",), more='resources = { cpus = 1, memory = "64MiB" }')
+    assert run("--grid", grid, "--dry-run") == 0
+    text = capsys.readouterr().out
+    assert "model test-tiny (its block's resources): " in text and "memory=0.0625GiB" in text
+    out = tmp_path / "out"
+    assert run("--grid", grid, "--out", str(out), "--no-cell-logs") == 0  # actors ask Ray for 64 MiB each
+    assert (read_runs(out / "runs")["status"] == "ok").all()

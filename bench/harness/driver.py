@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.errors import BenchError, UsageError
 from bench.harness.grid import Grid
 from bench.harness.plan import (local_resources, calibration_requests, check_methods, check_metrics, import_plugins,
-                                model_status, plan, print_plan, reference_status, resources)
+                                model_status, plan, print_plan, reference_status, resource_groups, resources)
 from bench.harness.provenance import git_commit
 
 
@@ -40,8 +40,9 @@ def run_grid(args) -> int:
 
         raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected some of {', '.join(available_models())}")
     if args.dry_run:
-        print_plan(grid, cells, todo, status, resources(grid, args, local_resources()),
-                   "Ray is not started by a dry run")
+        here = local_resources()
+        print_plan(grid, cells, todo, status, resources(grid, args, here), "Ray is not started by a dry run",
+                   {m: resources(grid, args, here, m) for m in grid.model_names() if m in grid.model_resources})
         return 0
     if not todo:
         print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(out)}; use --no-resume to rerun")
@@ -123,14 +124,20 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
     try:
         if runnable:
             started = start_ray(args.address, getattr(args, "runtime_env_json", None))
-            res = resources(grid, args, ray.cluster_resources())
-            stats = execute(runnable, calibration_requests(cells), context, on_result,
-                            num_workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
-                            gpus_per_worker=res["gpus_per_worker"], imports=grid.imports + args.imports,
-                            # absolute: workers on other nodes use the same path, not one under their own cwd
-                            cache_root=str(cache_root(out).absolute()), retries=args.retries, progress=progress,
-                            keep_actors=not started,
-                            on_log=progress.cell_line if getattr(args, "cell_logs", True) else None)
+            cluster = ray.cluster_resources()
+            # models with their own `resources` run on actors of their own, one group after the other: each group
+            # gets the whole cluster (simple, and no group's actors hold resources another group's cells need)
+            for model, group in resource_groups(grid, runnable):
+                res = resources(grid, args, cluster, model)
+                got = execute(group, calibration_requests(cells), context, on_result,
+                              num_workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
+                              gpus_per_worker=res["gpus_per_worker"], memory_per_worker=res["memory_per_worker"],
+                              imports=grid.imports + args.imports,
+                              # absolute: workers on other nodes use the same path, not one under their own cwd
+                              cache_root=str(cache_root(out).absolute()), retries=args.retries, progress=progress,
+                              keep_actors=not started,
+                              on_log=progress.cell_line if getattr(args, "cell_logs", True) else None)
+                stats = {k: stats.get(k, 0) + v for k, v in got.items()}
     finally:
         progress.close()
         if started:

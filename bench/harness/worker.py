@@ -258,7 +258,7 @@ def _actors(n: int, key: tuple, new_actor) -> list[Slot]:
 
 def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_workers: int, cpus_per_worker: float,
             gpus_per_worker: float, imports: list[str], cache_root: str, retries: int = 1, progress=None,
-            keep_actors: bool = False, on_log=None) -> dict:
+            keep_actors: bool = False, on_log=None, memory_per_worker: int | None = None) -> dict:
     """Run cells on Ray actors; `on_result(cell, result_dict, attempts)` is called as each cell finishes, and
     `on_log(label, line)`, if given, with each log line of a running cell about a second after the worker wrote it.
 
@@ -267,10 +267,14 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
     """
     threads = max(int(cpus_per_worker), 1)
 
-    def new_actor():
-        return CellWorker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker).remote(threads, imports)
+    # memory: Ray reserves it for scheduling (an actor waits for a node with that much free); None reserves nothing
+    mem = {"memory": int(memory_per_worker)} if memory_per_worker else {}
 
-    akey = (ray.get_runtime_context().get_job_id(), cpus_per_worker, gpus_per_worker, tuple(imports))
+    def new_actor():
+        return CellWorker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, **mem).remote(threads, imports)
+
+    akey = (ray.get_runtime_context().get_job_id(), cpus_per_worker, gpus_per_worker, memory_per_worker,
+            tuple(imports))
     slots = _actors(max(min(num_workers, len(cells)), 1), akey, new_actor) if cells else []
     d = Dispatcher(slots, new_actor, requests, context, cache_root, on_result, retries, progress)
     d.sink, d.on_log = (LogSink.remote(), on_log) if on_log and cells else (None, None)
