@@ -110,3 +110,32 @@ def test_rows_written_before_the_node_columns_still_read(tmp_path):
     pq.write_table(_table([make_row("old")], pa.schema(list(SCHEMA)[:3] + list(old_schema))), flat)
     ref = read_file(flat)
     assert len(ref) == 1 and ref[list(NODE_COLUMNS)].isna().all(axis=None)
+
+
+def test_node_info_fills_gpu_columns_only_on_a_gpu_worker(monkeypatch):
+    import torch
+
+    from bench.harness import provenance
+
+    monkeypatch.setattr(provenance, "node_id", lambda: "node-1")
+    cpu = provenance.node_info("cpu")
+    assert cpu == {"node_id": "node-1", "gpu_name": None, "gpu_count": None, "cuda_version": None, "gpu_driver": None}
+    # a GPU worker (faked: no GPU on the test machine)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(provenance, "gpu_driver", lambda: "570.86.15")
+    gpu = provenance.node_info("cuda")
+    assert gpu == {"node_id": "node-1", "gpu_name": "NVIDIA H200", "gpu_count": 1, "cuda_version": "12.8",
+                   "gpu_driver": "570.86.15"}
+    assert set(gpu) <= set(SCHEMA.names)
+
+
+def test_node_id_outside_ray_is_none():
+    import ray
+
+    from bench.harness.provenance import node_id
+
+    if not ray.is_initialized():
+        assert node_id() is None

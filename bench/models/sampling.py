@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from bench.errors import UsageError
+from eda.hooks import StepRecord  # the hook record calibration is written against
 
 # INFO lines are a cell's live progress in the harness (bench.harness.worker.cell_logging); silent elsewhere
 log = logging.getLogger(__name__)
-from eda.hooks import StepRecord  # the hook record calibration is written against
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
