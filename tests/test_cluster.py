@@ -130,3 +130,51 @@ def test_start_ray_unreachable_cluster_is_one_line(monkeypatch):
     assert "\n" not in str(e.value)
     with pytest.raises(BenchError, match="drop --address"):
         start_ray("ray://nowhere:10001")
+
+
+HEAD = """
+import ray, sys
+from ray._raylet import AuthenticationMode, get_authentication_mode
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+token = get_authentication_mode() == AuthenticationMode.TOKEN
+print(ray.get_runtime_context().gcs_address, "token" if token else "", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_bench_run_joins_a_running_cluster_and_ships_the_code(tmp_path):
+    """A cluster started elsewhere, whose workers have neither this checkout on their path nor our settings: bench.run
+    joins it through RAY_ADDRESS, and the workers import eda/bench from the shipped py_modules and see EDA_BENCH_*."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.harness.store import read_runs
+    from tests.test_run import write_grid
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS") and
+             not k.startswith("EDA_BENCH_")}
+    head = subprocess.Popen([sys.executable, "-c", HEAD], cwd=tmp_path, env={**clean, "OMP_NUM_THREADS": "1"},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address, _, auth = head.stdout.readline().strip().partition(" ")
+        assert address, "the head process did not start a cluster"
+        grid = write_grid(tmp_path, ["test-where"], bits=("W8A8",))
+        out = tmp_path / "out"
+        env = {**clean, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO), "EDA_BENCH_PROBE": "from-the-driver"}
+        if auth == "token":  # a client joins a token-authenticated cluster only when told to (README)
+            env["RAY_AUTH_MODE"] = "token"
+        rc = subprocess.run([sys.executable, "-m", "bench.run", "--grid", grid, "--out", str(out), "--no-progress",
+                             "--runtime-env-json", json.dumps({"py_modules": [str(REPO / "tests")]})],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert rc.returncode == 0, rc.stderr[-3000:]
+        assert "[test-tiny/test-where/W8A8/seed0]" in rc.stdout  # live lines from the joined cluster's worker
+    finally:
+        head.stdin.close()
+        head.wait(timeout=120)
+    row = read_runs(out / "runs").iloc[0]
+    info = json.loads(row["info"])
+    assert row["status"] == "ok" and info["probe"] == "from-the-driver"
+    # imported from Ray's unpacked py_modules, not from this checkout nor an installed eda-bench
+    assert all("py_modules_files" in f and not f.startswith(str(REPO)) for f in info["code"]), info["code"]
+    assert row["node_id"] and row["host"]
