@@ -277,14 +277,14 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
             tuple(imports))
     slots = _actors(max(min(num_workers, len(cells)), 1), akey, new_actor) if cells else []
     d = Dispatcher(slots, new_actor, requests, context, cache_root, on_result, retries, progress)
-    d.sink, d.on_log = (LogSink.remote(), on_log) if on_log and cells else (None, None)
+    sink = LogSink.remote() if on_log and cells else None
+    d.sink, d.on_log = sink, on_log
     try:
         d.run(cells)
     finally:
-        sink = d.sink
         if sink is not None:
             d.drain_logs()  # the last lines of the last cells
-            ray.kill(sink)
+            ray.kill(sink)  # also when a slow drain made the dispatcher give up on it
         if keep_actors and not d.inflight:  # the caller owns the cluster (tests, notebooks): reuse warm actors
             _KEPT[akey] = slots
         else:
