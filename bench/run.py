@@ -24,8 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"grid name under bench/grids/ ({', '.join(available_grids())}) or a .toml path "
                         f"(default: {DEFAULT_GRID})")
     p.add_argument("--address", default=None,
-                   help="Ray cluster to join, e.g. 'auto' or ray://host:10001 (default: start a local cluster, "
-                        "dashboard off)")
+                   help="Ray cluster to join, e.g. 'auto', host:6379 or ray://host:10001 (default: $RAY_ADDRESS, as "
+                        "`ray job submit` sets it, else a fresh local cluster with the dashboard off). On a cluster "
+                        "the packages eda/, baselines/, bench/ and the EDA_BENCH_*, HF_HOME, HF_HUB_OFFLINE variables "
+                        "travel to the workers in Ray's runtime_env")
+    p.add_argument("--runtime-env-json", default=None, metavar="JSON",
+                   help="merged into the workers' Ray runtime_env: env_vars and py_modules are added to ours (e.g. "
+                        "a --import plugin package), other keys replace ours, null removes one; e.g. "
+                        "'{\"py_modules\": null}' when the nodes have eda-bench installed, or "
+                        "'{\"pip\": [\"diffusers\"]}'")
     p.add_argument("--out", default="results", help="results directory (default: results/)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="rerun cells already in the store (default: skip them)")
@@ -34,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-workers", type=int, default=None,
                    help="at most this many actors (default: one per GPU / GPU fraction, else one per CPU slot)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPU share of one actor, e.g. 0.5 packs two actors per GPU (default: grid [resources], 1)")
+                   help="GPU share of one actor, e.g. 0.5 packs two actors per GPU, for every model (default: the "
+                        "model block's resources, else the grid's [resources], else 1)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPU cores of one actor; also its torch thread count (default: grid [resources], 1)")
+                   help="CPU cores of one actor; also its torch thread count, for every model (default: the model "
+                        "block's resources, else the grid's [resources], else 1)")
     p.add_argument("--retries", type=int, default=1,
                    help="times a cell is re-run after its worker crashed (default: 1)")
     p.add_argument("--samples", type=int, default=None, help="override the sample count of every model")
@@ -52,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE in the driver and every worker first (registers extra models or methods)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
+    p.add_argument("--no-cell-logs", dest="cell_logs", action="store_false",
+                   help="do not print the running cells' log lines (sampling batch k/n, reconstruction unit i/m, "
+                        "...) as they arrive; each cell's log is still written to <out>/logs/")
     return p
 
 

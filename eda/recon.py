@@ -22,6 +22,7 @@ quant state the model is in (weights only, or weights + activations).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ from eda.quantizer import UniformQuantizer, lp_loss
 from eda.trajectories import CalibSet
 from eda.units import Unit, reconstruction_units, unit_layers
 from eda.wrap import QuantAttnProcessor, QuantLayer, get_quant_state
+
+# INFO lines are live progress when a harness listens (bench's cell logs); silent elsewhere
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,6 +138,8 @@ def reconstruct(qmodel: nn.Module, fp_unet: nn.Module, calib: CalibSet, cfg: Rec
     report = {"units": {}, "config": dict(vars(cfg))}
     t0 = time.perf_counter()
     for idx, unit in enumerate(units):
+        log.info("reconstruction unit %d/%d: %s (%s, %d iterations)", idx + 1, len(units), unit.name, unit.kind,
+                 cfg.iters)
         fp_unit = fp_modules.get(unit.name)
         if fp_unit is None:
             raise BenchError(f"unit {unit.name} has no counterpart in the FP UNet; pass the UNet that was quantized")

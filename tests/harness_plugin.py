@@ -84,3 +84,33 @@ if "test-ok" not in available_methods():
     class _Abort(_Fake):
         def misbehave(self, m):
             os._exit(1)
+
+
+if "test-slow" not in available_methods():
+
+    @register_method("test-slow")
+    @dataclass(frozen=True)
+    class _Slow(_Fake):
+        """Like test-ok, after `sleep` seconds in quantize: a cell that is still running a while after it began."""
+        sleep: float = 0.0
+
+        def misbehave(self, m):
+            import time
+
+            time.sleep(m.sleep)
+
+
+if "test-where" not in available_methods():
+
+    @register_method("test-where")
+    @dataclass(frozen=True)
+    class _Where(_Fake):
+        """Like test-ok; its row's info says where the worker imported bench and eda from, and EDA_BENCH_PROBE."""
+
+        def quantize(self, model, bits, trajectories, seed=0, overrides=None, progress=True):
+            import bench
+            import eda
+
+            res = super().quantize(model, bits, trajectories, seed, overrides, progress)
+            res.info.update(code=[bench.__file__, eda.__file__], probe=os.environ.get("EDA_BENCH_PROBE"))
+            return res

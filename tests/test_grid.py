@@ -119,3 +119,69 @@ def test_shipped_grids():
         assert c.samples == (10_000 if c.model == "sd-v1-4" else 50_000)
     digits = load_grid("digits")
     assert len(digits.cells()) == 3 * (1 + 6 * 3)
+
+
+def _with_resources(tmp_path, block: str, extra: str = ""):
+    p = tmp_path / "r.toml"
+    p.write_text(GRID.replace('[[model]]\nname = "other"', f'{extra}[[model]]\nname = "other"\n{block}', 1))
+    return p
+
+
+def test_model_block_resources(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.harness.plan import resource_groups, resources
+
+    g = load_grid(str(_with_resources(tmp_path, 'resources = { gpus = 0.5, cpus = 4, memory = "2GiB" }',
+                                      '[resources]\ngpus_per_worker = 1\ncpus_per_worker = 2\n')))
+    assert g.model_resources == {"other": {"gpus": 0.5, "cpus": 4.0, "memory": 2 * 2**30}}
+    assert [b.get("resources") for b in g.models] == [None, g.model_resources["other"]]
+    args = SimpleNamespace(gpus_per_worker=None, cpus_per_worker=None, max_workers=None)
+    cluster = {"CPU": 16.0, "GPU": 2.0, "memory": 5 * 2**30}
+    # the block's resources win over the grid's [resources]; other models keep the grid's
+    assert resources(g, args, cluster, "other") == {"workers": 2, "cpus_per_worker": 4.0, "gpus_per_worker": 0.5,
+                                                   "memory_per_worker": 2 * 2**30}  # 4 half GPUs, 2 by memory
+    assert resources(g, args, cluster, "test-tiny") == {"workers": 2, "cpus_per_worker": 2.0, "gpus_per_worker": 1.0,
+                                                       "memory_per_worker": None}
+    # --gpus/--cpus-per-worker win over both
+    cli = SimpleNamespace(gpus_per_worker=1.0, cpus_per_worker=1.0, max_workers=None)
+    assert resources(g, cli, cluster, "other")["gpus_per_worker"] == 1.0
+    assert resources(g, cli, cluster, "other")["cpus_per_worker"] == 1.0
+    # cells split into one group per model with its own resources, the rest together
+    groups = resource_groups(g, g.cells())
+    assert [(m, {c.model for c in cells}) for m, cells in groups] == [(None, {"test-tiny"}), ("other", {"other"})]
+    assert sum(len(cells) for _, cells in groups) == len(g.cells())
+    # memory as a bare number is GiB; units are case-insensitive
+    g = load_grid(str(_with_resources(tmp_path, "resources = { memory = 1.5 }")))
+    assert g.model_resources["other"] == {"memory": int(1.5 * 2**30)}
+    g = load_grid(str(_with_resources(tmp_path, 'resources = { memory = "512mib" }')))
+    assert g.model_resources["other"] == {"memory": 512 * 2**20}
+
+
+@pytest.mark.parametrize("block, msg", [
+    ("resources = { gpu = 1 }", r"model 'other' resources has unknown keys \['gpu'\]; expected some of"),
+    ("resources = { gpus = 1.5 }", "above 1 GPU Ray takes whole GPUs only"),
+    ("resources = { gpus = -1 }", r"gpus = -1; expected a number >= 0"),
+    ("resources = { cpus = 0 }", r"cpus = 0; expected a number > 0"),
+    ('resources = { cpus = "four" }', r"cpus = 'four'; expected a number > 0"),
+    ('resources = { memory = "lots" }', "memory = 'lots'; expected a positive size"),
+    ('resources = { memory = "4 XB" }', "expected a positive size"),
+    ("resources = { memory = 0 }", "expected a positive size"),
+    ("resources = 2", "resources must be a table"),
+])
+def test_bad_model_block_resources(tmp_path, block, msg):
+    p = _with_resources(tmp_path, block)
+    with pytest.raises(UsageError, match=msg) as e:
+        load_grid(str(p))
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resources_are_per_model_not_defaults(tmp_path):
+    p = tmp_path / "d.toml"
+    p.write_text(GRID.replace("samples = 16\n", "samples = 16\nresources = { gpus = 1 }\n", 1))
+    with pytest.raises(UsageError, match=r"\[defaults\] has unknown keys \['resources'\]"):
+        load_grid(str(p))
+    # one model in two blocks must ask for the same actors (an actor takes any cell of the model it holds)
+    p.write_text(GRID + '[[model]]\nname = "other"\nmethods = ["fp"]\nresources = { cpus = 2 }\n')
+    with pytest.raises(UsageError, match="model 'other' is in several .* different resources"):
+        load_grid(str(p))

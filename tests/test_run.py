@@ -146,6 +146,7 @@ def test_unavailable_model_fails_fast(tmp_path, capsys):
     (["--models", "nope"], "not in grid"),
     (["--seeds", "a"], "bad --seeds"),
     (["--set", "novalue"], "bad --set"),
+    (["--runtime-env-json", "{x"], "--runtime-env-json is not valid JSON"),
 ])
 def test_usage_errors_exit_2(argv, msg, capsys, tmp_path):
     assert run(*argv, "--dry-run", "--out", str(tmp_path)) == 2
@@ -165,5 +166,78 @@ def test_help_documents_every_flag(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--grid", "--address", "--out", "--no-resume", "--dry-run", "--max-workers", "--samples", "--seeds",
-                 "--methods", "--bits", "--set", "--models", "--gpus-per-worker", "--import"):
+                 "--methods", "--bits", "--set", "--models", "--gpus-per-worker", "--import",
+                 "--runtime-env-json"):
         assert flag in text
+
+
+def test_cell_log_lines_reach_the_driver_while_the_cell_runs(ray_session, tmp_path, capsys):  # noqa: F811
+    import time
+
+    import ray
+
+    import tests.harness_plugin  # noqa: F401 - registers test-tiny / test-slow in the driver
+    from bench.harness.grid import Cell
+    from bench.harness.plan import calibration_requests
+    from bench.harness.worker import execute
+
+    cell = Cell(grid="t", model="test-tiny", method="test-slow", bits="W8A8", seed=0, samples=8, batch_size=4,
+                overrides={"sleep": 6.0})
+    events = []
+    stats = execute([cell], calibration_requests([cell]), {"run_id": "r"},
+                    lambda c, result, attempts: events.append((time.monotonic(), "result", c.label(), result)),
+                    num_workers=1, cpus_per_worker=1, gpus_per_worker=0, imports=[PLUGIN],
+                    cache_root=str(tmp_path / "cache"), keep_actors=True,
+                    on_log=lambda label, line: events.append((time.monotonic(), "log", label, line)))
+    assert stats["ok"] == 1
+    logs = [e for e in events if e[1] == "log"]
+    (result,) = [e for e in events if e[1] == "result"]
+    assert {e[2] for e in logs} == {cell.label()}
+    text = "\n".join(e[3] for e in logs)
+    assert "sampling batch 1/2" in text and "calibration trajectories" in text and "status ok" in text
+    # the lines before the 6 s quantization arrived while the cell ran (the driver polls about once a second on a
+    # busy machine), not with its result
+    first = next(e for e in logs if "sampling batch" in e[3])
+    assert result[0] - first[0] > 2.0, (result[0] - first[0], text)
+    assert logs[-1][0] <= result[0]  # every line of a cell comes before its end
+    # the row says where it ran: this node, no GPU
+    row = result[3]["row"]
+    assert row["node_id"] == ray.get_runtime_context().get_node_id()
+    assert row["gpu_name"] is None and row["gpu_count"] is None and row["cuda_version"] is None
+
+    # through bench.run: the lines are printed on stdout with the cell's name (and not with --no-cell-logs)
+    grid = write_grid(tmp_path, ["test-ok"], bits=("W8A8",))
+    assert run("--grid", grid, "--out", str(tmp_path / "out")) == 0
+    out = capsys.readouterr()
+    assert "[test-tiny/test-ok/W8A8/seed0]" in out.out and "[test-tiny/" not in out.err  # stderr: errors only
+    assert run("--grid", grid, "--out", str(tmp_path / "out2"), "--no-cell-logs") == 0
+    assert "[test-tiny/" not in capsys.readouterr().out
+    assert read_runs(tmp_path / "out" / "runs")["node_id"].notna().all()
+
+
+def test_cell_logging_takes_in_library_progress_lines_then_silences_them():
+    import io
+    import logging
+
+    from bench.harness.worker import cell_logging
+
+    buf = io.StringIO()
+    lib = logging.getLogger("eda.recon")
+    before = (logging.getLogger("eda").level, logging.getLogger("eda").propagate)
+    with cell_logging("bench.harness.cell.test", buf, None, "label") as log:
+        log.info("own line")
+        lib.info("reconstruction unit 1/3: down_blocks.0")
+    assert "own line" in buf.getvalue() and "reconstruction unit 1/3" in buf.getvalue()
+    lib.info("after the cell")
+    assert "after the cell" not in buf.getvalue()
+    assert (logging.getLogger("eda").level, logging.getLogger("eda").propagate) == before
+
+
+def test_model_block_resources_run_and_plan(ray_session, tmp_path, capsys):  # noqa: F811
+    grid = write_grid(tmp_path, ["fp", "test-ok"], bits=("W8A8",), more='resources = { cpus = 1, memory = "64MiB" }')
+    assert run("--grid", grid, "--dry-run") == 0
+    text = capsys.readouterr().out
+    assert "model test-tiny (its block's resources): " in text and "memory=0.0625GiB" in text
+    out = tmp_path / "out"
+    assert run("--grid", grid, "--out", str(out), "--no-cell-logs") == 0  # actors ask Ray for 64 MiB each
+    assert (read_runs(out / "runs")["status"] == "ok").all()

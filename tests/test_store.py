@@ -82,3 +82,60 @@ def test_reference_file_round_trip(tmp_path):
                                   df.sort_values("cell_key").reset_index(drop=True), check_dtype=True)
     with pytest.raises(Exception, match="no results file"):
         read_file(tmp_path / "nope.parquet")
+
+
+NODE_COLUMNS = ("node_id", "gpu_name", "gpu_count", "cuda_version", "gpu_driver")
+
+
+def test_rows_written_before_the_node_columns_still_read(tmp_path):
+    """Stores and committed references written before the node/GPU columns: those read back as nulls."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.harness.store import FILE_SCHEMA, _table
+
+    old_schema = pa.schema([f for f in FILE_SCHEMA if f.name not in NODE_COLUMNS])
+    d = partition_dir(tmp_path / "runs", "g", "digits-ddpm", "rtn")
+    d.mkdir(parents=True)
+    pq.write_table(_table([make_row("old", method="rtn")], old_schema), d / "old-0.parquet")
+    write_row(tmp_path / "runs", {**make_row("new", method="rtn"), "node_id": "abc", "gpu_name": "NVIDIA H200",
+                                  "gpu_count": 1, "cuda_version": "12.8", "gpu_driver": "570.1"})
+    df = read_runs(tmp_path / "runs")
+    assert list(df.columns) == SCHEMA.names and str(df["gpu_count"].dtype) == "Int32"
+    df = df.set_index("cell_key")
+    assert df.loc["old", list(NODE_COLUMNS)].isna().all()
+    assert df.loc["new", "node_id"] == "abc" and df.loc["new", "gpu_count"] == 1
+    # a flat reference file of old rows (bench.check --baseline) too
+    flat = tmp_path / "ref.parquet"
+    pq.write_table(_table([make_row("old")], pa.schema(list(SCHEMA)[:3] + list(old_schema))), flat)
+    ref = read_file(flat)
+    assert len(ref) == 1 and ref[list(NODE_COLUMNS)].isna().all(axis=None)
+
+
+def test_node_info_fills_gpu_columns_only_on_a_gpu_worker(monkeypatch):
+    import torch
+
+    from bench.harness import provenance
+
+    monkeypatch.setattr(provenance, "node_id", lambda: "node-1")
+    cpu = provenance.node_info("cpu")
+    assert cpu == {"node_id": "node-1", "gpu_name": None, "gpu_count": None, "cuda_version": None, "gpu_driver": None}
+    # a GPU worker (faked: no GPU on the test machine)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(provenance, "gpu_driver", lambda: "570.86.15")
+    gpu = provenance.node_info("cuda")
+    assert gpu == {"node_id": "node-1", "gpu_name": "NVIDIA H200", "gpu_count": 1, "cuda_version": "12.8",
+                   "gpu_driver": "570.86.15"}
+    assert set(gpu) <= set(SCHEMA.names)
+
+
+def test_node_id_outside_ray_is_none():
+    import ray
+
+    from bench.harness.provenance import node_id
+
+    if not ray.is_initialized():
+        assert node_id() is None

@@ -14,13 +14,16 @@ from pathlib import Path
 from bench.errors import BenchError, UsageError
 from bench.harness.grid import Grid
 from bench.harness.plan import (local_resources, calibration_requests, check_methods, check_metrics, import_plugins,
-                                model_status, plan, print_plan, reference_status, resources)
+                                model_status, plan, print_plan, reference_status, resource_groups, resources)
 from bench.harness.provenance import git_commit
 
 
 def run_grid(args) -> int:
     """The whole of `python -m bench.run` after argument parsing: plan, check, then a dry run or the run itself."""
     grid = plan(args)
+    from bench.harness.cluster import parse_runtime_env_json
+
+    parse_runtime_env_json(getattr(args, "runtime_env_json", None))  # a typo fails now, not after planning
     import_plugins(grid.imports + args.imports)
     out = Path(args.out)
     cells = grid.cells()
@@ -38,8 +41,9 @@ def run_grid(args) -> int:
         raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected some of {', '.join(available_models())} "
                          "or a local directory saved with save_pretrained")
     if args.dry_run:
-        print_plan(grid, cells, todo, status, resources(grid, args, local_resources()),
-                   "Ray is not started by a dry run")
+        here = local_resources()
+        print_plan(grid, cells, todo, status, resources(grid, args, here), "Ray is not started by a dry run",
+                   {m: resources(grid, args, here, m) for m in grid.model_names() if m in grid.model_resources})
         return 0
     if not todo:
         print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(out)}; use --no-resume to rerun")
@@ -48,22 +52,32 @@ def run_grid(args) -> int:
 
 
 
-def start_ray(address: str | None):
+def start_ray(address: str | None, runtime_env_json: str | None = None):
+    """Join or start the cluster that bench.harness.cluster.resolve_address names, with the runtime_env it builds.
+    Returns True when this call started Ray (the caller shuts it down), False when a session already holds it."""
     import ray
 
+    from bench.harness.cluster import build_runtime_env, parse_runtime_env_json, resolve_address
+
+    extra = parse_runtime_env_json(runtime_env_json)  # a usage error whether or not Ray is already up
     if ray.is_initialized():  # e.g. a test session already holds a cluster
         return False
-    if address:
+    target = resolve_address(address, os.environ)
+    renv = build_runtime_env(target, os.environ, extra) or None
+    if not target.local:
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=target.address, runtime_env=renv, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise BenchError(f"could not join the Ray cluster at {address!r} ({str(e).splitlines()[0][:160]}); start "
-                             "one with `ray start --head` or drop --address to run on a local cluster") from None
+            fix = {"--address": "drop --address", "RAY_ADDRESS": "unset RAY_ADDRESS"}.get(target.source,
+                                                                                      "run outside the Ray job")
+            raise BenchError(f"could not join the Ray cluster at {target.address!r} (from {target.source}: "
+                             f"{str(e).splitlines()[0][:160]}); start one with `ray start --head`, or {fix} to run on "
+                             "a local cluster") from None
     else:
         # Ray starts workers at nice 15; on a shared machine that starves the grid (and distorts its timings).
         # Ray's own job manager runs submitted jobs' workers at niceness 0 (dashboard/modules/job/job_manager.py).
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env=renv)
     return True
 
 
@@ -110,13 +124,21 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
     started = False
     try:
         if runnable:
-            started = start_ray(args.address)
-            res = resources(grid, args, ray.cluster_resources())
-            stats = execute(runnable, calibration_requests(cells), context, on_result,
-                            num_workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
-                            gpus_per_worker=res["gpus_per_worker"], imports=grid.imports + args.imports,
-                            cache_root=str(cache_root(out)), retries=args.retries, progress=progress,
-                            keep_actors=not started)
+            started = start_ray(args.address, getattr(args, "runtime_env_json", None))
+            cluster = ray.cluster_resources()
+            # models with their own `resources` run on actors of their own, one group after the other: each group
+            # gets the whole cluster (simple, and no group's actors hold resources another group's cells need)
+            for model, group in resource_groups(grid, runnable):
+                res = resources(grid, args, cluster, model)
+                got = execute(group, calibration_requests(cells), context, on_result,
+                              num_workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
+                              gpus_per_worker=res["gpus_per_worker"], memory_per_worker=res["memory_per_worker"],
+                              imports=grid.imports + args.imports,
+                              # absolute: workers on other nodes use the same path, not one under their own cwd
+                              cache_root=str(cache_root(out).absolute()), retries=args.retries, progress=progress,
+                              keep_actors=not started,
+                              on_log=progress.cell_line if getattr(args, "cell_logs", True) else None)
+                stats = {k: stats.get(k, 0) + v for k, v in got.items()}
     finally:
         progress.close()
         if started:

@@ -10,6 +10,8 @@ Layout of a grid file (see bench/grids/smoke.toml for a commented example):
     [method."eda-dm"]     # overrides for one method only (win over [set])
     [[model]]             # one block per model; any key of [defaults] may be repeated here
     name = "digits-ddpm"; sampler = { kind = "ddim", steps = 100, eta = 0.0, skip = "quad" }
+    resources = { gpus = 1, cpus = 8, memory = "40GiB" }   # optional: what each actor running this model asks
+                          # Ray for (wins over the grid's [resources]; --gpus/cpus-per-worker win over both)
 
 The FP method has no bit width: it expands to one cell per (model, seed) labelled "FP" (W32A32 in the store).
 """
@@ -30,6 +32,10 @@ GRIDS_DIR = Path(__file__).resolve().parents[1] / "grids"  # bench/grids
 FP_METHOD = "fp"
 FP_BITS = "FP"
 _DEFAULT_KEYS = {"methods", "bits", "seeds", "samples", "metrics", "sampler", "batch_size", "calib"}
+_BLOCK_KEYS = _DEFAULT_KEYS | {"resources"}  # resources are per model: [defaults] has the grid's [resources]
+_RESOURCE_KEYS = ("gpus", "cpus", "memory")
+_MEMORY_UNITS = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+                 "gib": 2**30, "tib": 2**40}
 _TOP_KEYS = {"name", "description", "defaults", "set", "method", "model", "imports", "resources", "check"}
 
 
@@ -96,6 +102,8 @@ class Grid:
     resources: dict
     check: dict
     path: str = ""
+    # model -> {"gpus", "cpus", "memory" (bytes)}: each given key of its blocks' `resources`, validated
+    model_resources: dict = field(default_factory=dict)
     cli_overrides: dict = field(default_factory=dict)  # --set: wins over [set] and [method."..."]
 
     def cells(self) -> list[Cell]:
@@ -156,7 +164,7 @@ def load_grid(name_or_path: str) -> Grid:
     for b in blocks:
         if "name" not in b:
             raise UsageError(f"{path}: a [[model]] block has no name; add name = \"...\"")
-        _check_keys(path, f"[[model]] {b['name']}", {k: v for k, v in b.items() if k != "name"})
+        _check_keys(path, f"[[model]] {b['name']}", {k: v for k, v in b.items() if k != "name"}, _BLOCK_KEYS)
         m = {"metrics": [], "batch_size": 256, "sampler": None, **defaults, **b}
         for k in ("methods", "bits", "seeds", "samples"):
             if k not in m:
@@ -164,11 +172,21 @@ def load_grid(name_or_path: str) -> Grid:
         for bits in m["bits"]:
             cell_bits(bits)
         _check_seeds(path, m["seeds"])
+        if "resources" in b:
+            m["resources"] = block_resources(path, b["name"], b["resources"])
         models.append(m)
+    model_resources: dict[str, dict] = {}
+    for m in models:
+        spec = m.get("resources", {})
+        if model_resources.setdefault(m["name"], spec) != spec:
+            # actors hold one model and take any of its cells, so its blocks cannot ask for different actors
+            raise UsageError(f"{path}: model {m['name']!r} is in several [[model]] blocks with different resources "
+                             f"({model_resources[m['name']]} and {spec}); give them the same resources")
     return Grid(name=data.get("name", path.stem), description=data.get("description", ""), models=models,
                 overrides=data.get("set", {}), method_overrides=data.get("method", {}),
                 imports=list(data.get("imports", [])), resources=data.get("resources", {}),
-                check=data.get("check", {}), path=str(path))
+                check=data.get("check", {}), path=str(path),
+                model_resources={k: v for k, v in model_resources.items() if v})
 
 
 def _check_seeds(where, seeds) -> None:
@@ -181,10 +199,57 @@ def _check_seeds(where, seeds) -> None:
             raise UsageError(f"{where}: {e}") from None
 
 
-def _check_keys(path: Path, where: str, d: dict) -> None:
-    unknown = set(d) - _DEFAULT_KEYS
+def _check_keys(path: Path, where: str, d: dict, allowed: set[str] = _DEFAULT_KEYS) -> None:
+    unknown = set(d) - allowed
     if unknown:
-        raise UsageError(f"{path}: {where} has unknown keys {sorted(unknown)}; expected some of {sorted(_DEFAULT_KEYS)}")
+        raise UsageError(f"{path}: {where} has unknown keys {sorted(unknown)}; expected some of {sorted(allowed)}")
+
+
+def block_resources(path, model: str, spec) -> dict:
+    """A [[model]] block's `resources = { gpus = G, cpus = C, memory = M }`, validated (one-line UsageError naming the
+    file, model and key): G >= 0 (a fraction packs actors on a GPU; above 1 a whole number, as Ray requires), C > 0,
+    M > 0 in GiB or a string with a unit ("512MiB", "40GiB", "16GB"). Memory is returned in bytes (Ray's unit)."""
+    where = f"{path}: model {model!r} resources"
+    if not isinstance(spec, dict):
+        raise UsageError(f"{where} must be a table such as {{ gpus = 1, cpus = 4, memory = \"16GiB\" }}")
+    unknown = sorted(set(spec) - set(_RESOURCE_KEYS))
+    if unknown:
+        raise UsageError(f"{where} has unknown keys {unknown}; expected some of {list(_RESOURCE_KEYS)}")
+    out = {}
+    for k in ("gpus", "cpus"):
+        if k not in spec:
+            continue
+        v = spec[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "cpus" and v == 0):
+            raise UsageError(f"{where}: {k} = {v!r}; expected a number {'>= 0' if k == 'gpus' else '> 0'}, "
+                             f"e.g. {k} = {1 if k == 'gpus' else 4}")
+        if k == "gpus" and v > 1 and v != int(v):
+            raise UsageError(f"{where}: gpus = {v}; above 1 GPU Ray takes whole GPUs only (fractions are for "
+                             "packing actors on one GPU: 0.5, 0.25)")
+        out[k] = float(v)
+    if "memory" in spec:
+        out["memory"] = _memory_bytes(where, spec["memory"])
+    return out
+
+
+def _memory_bytes(where: str, v) -> int:
+    import re
+
+    bad = UsageError(f"{where}: memory = {v!r}; expected a positive size, in GiB as a number (memory = 16) or with "
+                     "a unit (memory = \"512MiB\", \"40GiB\", \"16GB\")")
+    if isinstance(v, bool):
+        raise bad
+    if isinstance(v, (int, float)):
+        size, unit = float(v), ""
+    elif isinstance(v, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", v)) \
+            and m.group(2).lower() in _MEMORY_UNITS:
+        size, unit = float(m.group(1)), m.group(2).lower()
+    else:
+        raise bad
+    n = int(size * _MEMORY_UNITS[unit])
+    if n <= 0:
+        raise bad
+    return n
 
 
 def apply_overrides(grid: Grid, samples: int | None = None, seeds: list[int] | None = None,

@@ -131,27 +131,45 @@ def calibration_requests(cells: list[Cell]) -> dict:
     return out
 
 
-def resources(grid: Grid, args, cluster: dict | None = None) -> dict:
-    """What each actor asks Ray for, and how many actors (bounded by the cluster, --max-workers and the cells)."""
+def resources(grid: Grid, args, cluster: dict | None = None, model: str | None = None) -> dict:
+    """What each actor asks Ray for, and how many actors (bounded by the cluster, --max-workers and the cells).
+    Per actor: --gpus/--cpus-per-worker, else the model block's `resources` (for `model`), else the grid's
+    [resources], else 1; memory only from the model block (None: Ray's default, no reservation)."""
     res = grid.resources
+    mine = grid.model_resources.get(model, {}) if model else {}
     gpus_total = (cluster or {}).get("GPU", 0.0)
     cpus_total = (cluster or {}).get("CPU", float(os.cpu_count() or 1))
-    gpu = args.gpus_per_worker if args.gpus_per_worker is not None else float(res.get("gpus_per_worker", 1.0))
-    cpu = args.cpus_per_worker if args.cpus_per_worker is not None else float(res.get("cpus_per_worker", 1.0))
+    gpu = args.gpus_per_worker if args.gpus_per_worker is not None else \
+        float(mine.get("gpus", res.get("gpus_per_worker", 1.0)))
+    cpu = args.cpus_per_worker if args.cpus_per_worker is not None else \
+        float(mine.get("cpus", res.get("cpus_per_worker", 1.0)))
+    memory = mine.get("memory")
     if gpus_total > 0 and gpu > 0:
         workers = int(gpus_total // gpu)
         cpu = min(cpu, cpus_total / max(workers, 1))
     else:
         gpu = 0.0
         workers = int(cpus_total // cpu)
+    if memory and (cluster or {}).get("memory"):
+        workers = min(workers, int(cluster["memory"] // memory))
     if args.max_workers is not None:
         if args.max_workers < 1:
             raise UsageError(f"--max-workers must be >= 1, got {args.max_workers}")
         workers = min(workers, args.max_workers)
-    return {"workers": max(workers, 1), "cpus_per_worker": cpu, "gpus_per_worker": gpu}
+    return {"workers": max(workers, 1), "cpus_per_worker": cpu, "gpus_per_worker": gpu, "memory_per_worker": memory}
 
 
-def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, res: dict, cluster_note: str) -> None:
+def resource_groups(grid: Grid, cells: list[Cell]) -> list[tuple[str | None, list[Cell]]]:
+    """Cells split by the actors they need: one group per model with its own `resources` (in grid order), then
+    one group (None) for every other model. Each group runs on its own actors, one group after the other."""
+    groups: dict[str | None, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(c.model if c.model in grid.model_resources else None, []).append(c)
+    return list(groups.items())
+
+
+def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, res: dict, cluster_note: str,
+               model_res: dict | None = None) -> None:
     print(f"grid {grid.name}: {len(cells)} cells, {len(todo)} to run ({len(cells) - len(todo)} already in the store)")
     if grid.description:
         print(f"  {grid.description.strip().splitlines()[0]}")
@@ -175,6 +193,10 @@ def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, re
           f"num_cpus={want.get('cpus_per_worker', 1)} (one actor per GPU; per CPU slot when there is no GPU)")
     print(f"  here: {res['workers']} actor(s) x (num_cpus={res['cpus_per_worker']:g}, "
           f"num_gpus={res['gpus_per_worker']:g}); {cluster_note}")
+    for model, r in (model_res or {}).items():
+        mem = "" if r["memory_per_worker"] is None else f", memory={r['memory_per_worker'] / 2**30:g}GiB"
+        print(f"  model {model} (its block's resources): {r['workers']} actor(s) x (num_cpus={r['cpus_per_worker']:g}, "
+              f"num_gpus={r['gpus_per_worker']:g}{mem}), its cells run as a group of their own")
 
 
 def local_resources() -> dict:

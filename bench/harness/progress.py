@@ -1,4 +1,5 @@
-"""Live progress of a grid: one tqdm bar of finished cells (ETA from tqdm's rate), with done / failed / running."""
+"""Live progress of a grid: one tqdm bar of finished cells (ETA from tqdm's rate), with done / failed / running, and
+the running cells' log lines above it as they arrive."""
 
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ class GridProgress:
         """A cell decided without running (fail-fast of an unavailable model)."""
         self.running += 1
         self.finished(ok, label, error)
+
+    def cell_line(self, label: str, line: str):
+        """A log line of a running cell (bench.harness.worker.LogSink), printed above the bar as it arrives. On
+        stdout, with the run's other output: stderr stays for the bar and the one-line errors."""
+        self.bar.write(f"[{label}] {line}", file=sys.stdout)
 
     def close(self):
         self.bar.close()

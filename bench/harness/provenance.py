@@ -5,6 +5,7 @@ here; `environment()` is the whole record of a measurement taken in this process
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -39,6 +40,51 @@ def package_versions() -> dict[str, str]:
 
 def host() -> str:
     return platform.node()
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray): ties a row to `ray status` and the node's logs."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - provenance must never fail a cell
+        return None
+
+
+@functools.cache
+def gpu_driver() -> str | None:
+    """The NVIDIA driver version, from NVML when nvidia-ml-py is installed, else nvidia-smi; None if neither answers.
+    torch knows only the CUDA runtime it was built with, not the driver, and old drivers are a common cause of
+    GPU-only differences."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:  # noqa: BLE001 - not installed, or no NVIDIA driver
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        lines = out.stdout.strip().splitlines()
+        return lines[0].strip() if out.returncode == 0 and lines else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def node_info(device: str) -> dict:
+    """Where a cell runs (result row columns): Ray node id, and on a GPU worker the GPU's model, how many GPUs the
+    worker sees, torch's CUDA version and the driver version; the GPU fields are None on a CPU worker."""
+    info = {"node_id": node_id(), "gpu_name": None, "gpu_count": None, "cuda_version": None, "gpu_driver": None}
+    if str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            info.update(gpu_name=torch.cuda.get_device_name(), gpu_count=torch.cuda.device_count(),
+                        cuda_version=torch.version.cuda, gpu_driver=gpu_driver())
+    return info
 
 
 def cpu_kernels() -> str:

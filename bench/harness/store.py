@@ -64,6 +64,13 @@ FILE_SCHEMA = pa.schema(
         ("threads", pa.int32()),
         ("cpu_kernels", pa.string()),
         ("host", pa.string()),
+        # where the cell ran, filled by the worker (bench.harness.provenance.node_info); null in rows written before
+        # these columns existed (readers fill absent columns with nulls), and the GPU ones null on a CPU worker
+        ("node_id", pa.string()),  # Ray node id (ray.get_runtime_context().get_node_id()); null outside Ray
+        ("gpu_name", pa.string()),
+        ("gpu_count", pa.int32()),  # GPUs visible to the worker (its Ray share), not the node's
+        ("cuda_version", pa.string()),  # torch.version.cuda: the CUDA runtime torch was built with
+        ("gpu_driver", pa.string()),  # NVIDIA driver version (nvidia-smi / NVML)
         ("versions", pa.string()),  # JSON {package: version}
         ("status", pa.string()),  # "ok" | "failed"
         ("error", pa.string()),

@@ -17,6 +17,7 @@ import os
 import resource
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,20 +48,23 @@ class CellWorker:
     def ping(self) -> int:
         return os.getpid()
 
-    def run(self, cell_dict: dict, requests: list, context: dict, cache_root: str) -> dict:
+    def run(self, cell_dict: dict, requests: list, context: dict, cache_root: str, sink=None) -> dict:
+        """Run one cell; its log lines go to the returned "log", and also, as they happen, to `sink` (a LogSink)."""
         from bench.harness.artifacts import ArtifactCache
-        from bench.harness.cell import failed_row, format_error, format_traceback, is_out_of_memory, run_cell
 
         if self.cache is None or str(self.cache.root) != str(cache_root):
             self.cache = ArtifactCache(cache_root)
 
         cell = Cell.from_dict(cell_dict)
         buf = io.StringIO()
-        log = logging.getLogger(f"bench.harness.cell.{os.getpid()}")
-        log.handlers[:] = [logging.StreamHandler(buf)]
-        log.handlers[0].setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.setLevel(logging.INFO)
-        log.propagate = False
+        with cell_logging(f"bench.harness.cell.{os.getpid()}", buf, sink, cell.label()) as log:
+            row, png, load_error = self._run(cell, requests, context, log)
+        return {"row": row, "png": png, "log": buf.getvalue(), "load_error": load_error}
+
+    def _run(self, cell: Cell, requests: list, context: dict, log: logging.Logger) -> tuple[dict, bytes | None, bool]:
+        from bench.harness.cell import failed_row, format_error, format_traceback, is_out_of_memory, run_cell
+        from bench.harness.provenance import node_info
+
         log.info("cell %s (%s) on pid %d, device %s", cell.label(), cell.key, os.getpid(), self.device)
         t0, load_error, png, oom = time.time(), False, None, False
         cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
@@ -75,13 +79,14 @@ class CellWorker:
             log.error("%s", format_traceback(e))
             row = failed_row(cell, context, format_error(e), seconds=time.time() - t0)
             oom = is_out_of_memory(e)
+        row.update(node_info(self.device))  # here, not in the driver: the node and GPU this cell ran on
         if oom:  # out of the except block: the traceback, and the tensors its frames held, are gone now
             self._release_memory()
         cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
         # CPU seconds as well as wall seconds: on a shared machine wall time says little about a dedicated one
         log.info("status %s in %.1fs wall, %.1fs CPU; cache hits %s", row["status"], time.time() - t0, cpu,
                  self.cache.hits)
-        return {"row": row, "png": png, "log": buf.getvalue(), "load_error": load_error}
+        return row, png, load_error
 
     def _release_memory(self):
         """After an out-of-memory cell: give the freed blocks back so the next cell starts from the model alone."""
@@ -103,6 +108,88 @@ class CellWorker:
             torch.cuda.empty_cache()
         self.model = load_model(name, device=self.device)
         self.model_name = name
+
+
+# Libraries whose INFO lines are a cell's progress (bench.models.sampling: "sampling batch k/n", eda.recon:
+# "reconstruction unit i/m"). Silent outside a cell (no handler, WARNING level); a cell's log takes them in.
+PROGRESS_LOGGERS = ("eda", "bench.models")
+PROGRESS_INTERVAL = 1.0  # seconds: at most one live progress line per library per second (a cell's own lines: all)
+
+
+@ray.remote(num_cpus=0)  # takes no CPU slot: it must never keep a CellWorker from starting
+class LogSink:
+    """Where workers push log lines while their cells run; the driver drains it about once a second. Pushes are
+    fire-and-forget actor calls, which Ray delivers in order per worker."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str]] = []
+
+    def push(self, label: str, line: str) -> None:
+        self.lines.append((label, line))
+
+    def drain(self) -> list[tuple[str, str]]:
+        out, self.lines = self.lines, []
+        return out
+
+
+class SinkHandler(logging.Handler):
+    """Forwards a cell's log records to a LogSink, labelled with the cell; library progress lines rate-limited."""
+
+    def __init__(self, sink, label: str):
+        super().__init__()
+        self.sink, self.label, self.last, self.pending = sink, label, {}, None
+        self.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(PROGRESS_LOGGERS):
+            lib = record.name.split(".")[0]
+            if record.created - self.last.get(lib, 0.0) < PROGRESS_INTERVAL:
+                return
+            self.last[lib] = record.created
+        try:
+            self.pending = self.sink.push.remote(self.label, self.format(record))
+        except Exception:  # noqa: BLE001 - live lines are a convenience: never fail a cell over one
+            pass
+
+    def flush(self) -> None:
+        """Wait (briefly) until the sink holds every line pushed so far: Ray runs one caller's calls in order, so
+        the last one done means all are, and the driver, which drains before collecting results, gets a cell's
+        lines before its end."""
+        if self.pending is not None:
+            ray.wait([self.pending], timeout=5.0)
+            self.pending = None
+
+
+@contextmanager
+def cell_logging(name: str, buf: io.StringIO, sink, label: str):
+    """A logger for one cell writing to `buf` (the cell's log file) and, with a sink, live to the driver; the
+    progress libraries' INFO lines go to both while the cell runs, and are silenced again after it."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(buf)]
+    handlers[0].setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    if sink is not None:
+        handlers.append(SinkHandler(sink, label))
+    log = logging.getLogger(name)
+    log.handlers[:] = handlers
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    libs = [logging.getLogger(n) for n in PROGRESS_LOGGERS]
+    saved = [(lg.level, lg.propagate) for lg in libs]
+    for lg in libs:
+        for h in handlers:
+            lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    try:
+        yield log
+    finally:
+        for h in handlers:
+            h.flush()
+        for lg, (level, propagate) in zip(libs, saved):
+            for h in handlers:
+                lg.removeHandler(h)
+            lg.setLevel(level)
+            lg.propagate = propagate
+        log.handlers[:] = []
 
 
 @dataclass
@@ -171,23 +258,33 @@ def _actors(n: int, key: tuple, new_actor) -> list[Slot]:
 
 def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_workers: int, cpus_per_worker: float,
             gpus_per_worker: float, imports: list[str], cache_root: str, retries: int = 1, progress=None,
-            keep_actors: bool = False) -> dict:
-    """Run cells on Ray actors; `on_result(cell, result_dict, attempts)` is called as each cell finishes.
+            keep_actors: bool = False, on_log=None, memory_per_worker: int | None = None) -> dict:
+    """Run cells on Ray actors; `on_result(cell, result_dict, attempts)` is called as each cell finishes, and
+    `on_log(label, line)`, if given, with each log line of a running cell about a second after the worker wrote it.
 
     `requests[(model, sampler_json, seed)]` lists the (method, overrides) of every cell of the grid on that model, so
     the shared trajectories cover all methods. Returns counts {"ok", "failed", "crashes", "replaced"}.
     """
     threads = max(int(cpus_per_worker), 1)
 
-    def new_actor():
-        return CellWorker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker).remote(threads, imports)
+    # memory: Ray reserves it for scheduling (an actor waits for a node with that much free); None reserves nothing
+    mem = {"memory": int(memory_per_worker)} if memory_per_worker else {}
 
-    akey = (ray.get_runtime_context().get_job_id(), cpus_per_worker, gpus_per_worker, tuple(imports))
+    def new_actor():
+        return CellWorker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, **mem).remote(threads, imports)
+
+    akey = (ray.get_runtime_context().get_job_id(), cpus_per_worker, gpus_per_worker, memory_per_worker,
+            tuple(imports))
     slots = _actors(max(min(num_workers, len(cells)), 1), akey, new_actor) if cells else []
     d = Dispatcher(slots, new_actor, requests, context, cache_root, on_result, retries, progress)
+    sink = LogSink.remote() if on_log and cells else None
+    d.sink, d.on_log = sink, on_log
     try:
         d.run(cells)
     finally:
+        if sink is not None:
+            d.drain_logs()  # the last lines of the last cells
+            ray.kill(sink)  # also when a slow drain made the dispatcher give up on it
         if keep_actors and not d.inflight:  # the caller owns the cluster (tests, notebooks): reuse warm actors
             _KEPT[akey] = slots
         else:
@@ -206,6 +303,20 @@ class Dispatcher:
         self.inflight: dict = {}  # ref -> (slot, cell, or None for a ping that waits for a restarted actor)
         self.attempts: dict[str, int] = {}
         self.stats = {"ok": 0, "failed": 0, "crashes": 0, "replaced": 0}
+        self.sink, self.on_log = None, None  # LogSink and its callback (execute sets them)
+
+    def drain_logs(self) -> None:
+        """Hand the lines workers pushed since the last call to on_log. A lost sink only ends the live lines (the
+        cells' logs still reach the store)."""
+        if self.sink is None:
+            return
+        try:
+            lines = ray.get(self.sink.drain.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError):
+            self.sink = None
+            return
+        for label, line in lines:
+            self.on_log(label, line)
 
     def run(self, cells: list[Cell]) -> None:
         for c in cells:
@@ -215,6 +326,7 @@ class Dispatcher:
             if not self.inflight:
                 continue
             ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+            self.drain_logs()  # before the results: a cell's lines come before its end
             if self.progress:
                 self.progress.tick()
             for ref in ready:
@@ -229,7 +341,8 @@ class Dispatcher:
             if cell is None:
                 break
             rkey = (cell.model, _sampler_key(cell.sampler), cell.seed)
-            ref = slot.actor.run.remote(cell.to_dict(), self.requests.get(rkey, []), self.context, self.cache_root)
+            ref = slot.actor.run.remote(cell.to_dict(), self.requests.get(rkey, []), self.context, self.cache_root,
+                                        self.sink)
             self.inflight[ref] = (slot, cell)
             slot.busy, slot.model = True, cell.model
             held_by.add(cell.model)

@@ -11,6 +11,7 @@ guidance all present the same interface to the sampler.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -19,6 +20,9 @@ import torch
 
 from bench.errors import UsageError
 from eda.hooks import StepRecord  # the hook record calibration is written against
+
+# INFO lines are a cell's live progress in the harness (bench.harness.worker.cell_logging); silent elsewhere
+log = logging.getLogger(__name__)
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -232,7 +236,9 @@ def sample(eps_fn: EpsFn | Callable[[int, int], EpsFn], n: int, shape: tuple[int
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"sampling {cfg.describe()}", unit="batch")
+    n_batches = -(-n // batch_size)
     for b, s in enumerate(starts):
+        log.info("sampling batch %d/%d (%s)", b + 1, n_batches, cfg.describe())
         gen = torch.Generator().manual_seed(seed * 1_000_003 + b)  # per-step noise for eta > 0 / ddpm
         xb = x_T[s:s + batch_size].to(device)
         fn = eps_fn(s, s + len(xb)) if per_batch else eps_fn

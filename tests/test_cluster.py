@@ -1,0 +1,180 @@
+"""Which Ray cluster bench.run joins and what its workers get (bench.harness.cluster): pure functions, no cluster."""
+
+import json
+
+import pytest
+
+from bench.errors import BenchError, UsageError
+from bench.harness.cluster import (JOB_CONFIG_VAR, PACKAGES, REPO, Target, build_runtime_env, parse_runtime_env_json,
+                                   resolve_address)
+
+
+@pytest.mark.parametrize("arg, environ, want", [
+    (None, {}, Target("local", "local")),  # a laptop: a fresh local cluster, as before
+    ("auto", {}, Target("auto", "--address")),
+    ("ray://head:10001", {"RAY_ADDRESS": "10.0.0.1:6379"}, Target("ray://head:10001", "--address")),  # the flag wins
+    (None, {"RAY_ADDRESS": "10.0.0.1:6379"}, Target("10.0.0.1:6379", "RAY_ADDRESS")),
+    (None, {"RAY_ADDRESS": ""}, Target("local", "local")),  # set but empty: as if unset
+    (None, {JOB_CONFIG_VAR: "{}"}, Target("auto", "ray job")),
+    (None, {"RAY_ADDRESS": "127.0.0.1:6379", JOB_CONFIG_VAR: "{}"}, Target("127.0.0.1:6379", "RAY_ADDRESS")),
+])
+def test_resolve_address(arg, environ, want):
+    assert resolve_address(arg, environ) == want
+    assert want.local == (want.source == "local")
+
+
+ENV = {"EDA_BENCH_MODELS": "/m", "EDA_BENCH_CACHE": "/c", "HF_HOME": "/hf", "HF_HUB_OFFLINE": "1", "PATH": "/bin",
+       "HOME": "/root", "RAY_ADDRESS": "auto"}
+SETTINGS = {k: v for k, v in ENV.items() if k.startswith("EDA_BENCH_") or k.startswith("HF_")}
+
+
+def test_local_default_ships_settings_but_no_code():
+    renv = build_runtime_env(Target("local", "local"), ENV)
+    assert renv == {"env_vars": SETTINGS}  # workers of a local cluster run from this checkout
+    assert build_runtime_env(Target("local", "local"), {"PATH": "/bin"}) == {}  # nothing to pass: no runtime_env
+
+
+def test_attached_cluster_gets_settings_and_the_packages():
+    renv = build_runtime_env(Target("ray://h:10001", "--address"), ENV)
+    assert renv["env_vars"] == SETTINGS  # never PATH, HOME or RAY_ADDRESS: those belong to each node
+    assert renv["py_modules"] == [str(REPO / p) for p in PACKAGES]
+    assert set(PACKAGES) == {"eda", "baselines", "bench"}
+    for p in renv["py_modules"]:
+        assert (REPO / p / "__init__.py").is_file()  # importable packages, as Ray's py_modules needs
+
+
+def test_runtime_env_json_merges_over_ours():
+    extra = parse_runtime_env_json('{"env_vars": {"X": 1, "HF_HOME": "/other"}, "pip": ["diffusers"], '
+                                   '"py_modules": null}')
+    renv = build_runtime_env(Target("auto", "--address"), ENV, extra)
+    assert renv["env_vars"] == {**SETTINGS, "X": "1", "HF_HOME": "/other"}  # added to ours; values as strings
+    assert renv["pip"] == ["diffusers"] and "py_modules" not in renv  # null removes our key
+    assert parse_runtime_env_json(None) == {} and parse_runtime_env_json("") == {}
+    # py_modules are added to ours: a plugin package travels with the project's
+    renv = build_runtime_env(Target("auto", "--address"), ENV, {"py_modules": ["/src/myplugin"], "env_vars": None})
+    assert renv["py_modules"] == [str(REPO / p) for p in PACKAGES] + ["/src/myplugin"]
+    assert "env_vars" not in renv  # null removes ours, as for any key
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"env_vars": [1]}'])
+def test_bad_runtime_env_json_is_one_usage_line(text):
+    with pytest.raises(UsageError, match="--runtime-env-json") as e:
+        parse_runtime_env_json(text)
+    assert "\n" not in str(e.value)
+
+
+def job_environ(runtime_env):
+    return {**ENV, JOB_CONFIG_VAR: json.dumps({"runtime_env": runtime_env, "metadata": {}})}
+
+
+def test_inside_a_ray_job_the_job_settings_win():
+    """Ray refuses to merge a job's runtime_env with the driver's on a shared key or variable: ours yield."""
+    target = Target("auto", "ray job")
+    # `ray job submit --working-dir .` already ships the code: no second copy; its own variables are left alone
+    renv = build_runtime_env(target, job_environ({"working_dir": "gcs://x.zip", "env_vars": {"HF_HOME": "/job"}}))
+    assert "py_modules" not in renv and "working_dir" not in renv
+    assert renv["env_vars"] == {k: v for k, v in SETTINGS.items() if k != "HF_HOME"}
+    # a job with only pip packages: we still ship the code, but never the pip key twice
+    renv = build_runtime_env(target, job_environ({"pip": ["x"]}), {"pip": ["y"]})
+    assert "pip" not in renv and len(renv["py_modules"]) == 3
+    # Ray's variable unreadable: treated as no job runtime_env
+    assert "py_modules" in build_runtime_env(target, {JOB_CONFIG_VAR: "{bad"})
+
+
+class FakeRay:
+    def __init__(self, fail=False):
+        self.calls, self.fail = [], fail
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kw):
+        self.calls.append(kw)
+        if self.fail:
+            raise ConnectionError("Could not find any running Ray instance.\nmore")
+
+
+def test_start_ray_local_default_unchanged(monkeypatch):
+    import sys
+
+    from bench.harness.driver import start_ray
+
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    for k in ("RAY_ADDRESS", JOB_CONFIG_VAR, "HF_HOME", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("EDA_BENCH_MODELS", "/m")
+    assert start_ray(None) is True
+    (kw,) = fake.calls
+    assert kw["address"] == "local" and kw["include_dashboard"] is False and kw["log_to_driver"] is False
+    assert "py_modules" not in kw["runtime_env"] and kw["runtime_env"]["env_vars"]["EDA_BENCH_MODELS"] == "/m"
+
+    # RAY_ADDRESS (as `ray job submit` sets it) is joined, with the code shipped
+    fake.calls.clear()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    start_ray(None)
+    (kw,) = fake.calls
+    assert kw["address"] == "10.0.0.1:6379" and len(kw["runtime_env"]["py_modules"]) == 3
+
+
+def test_start_ray_unreachable_cluster_is_one_line(monkeypatch):
+    import sys
+
+    from bench.harness.driver import start_ray
+
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(fail=True))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(BenchError, match=r"could not join the Ray cluster at '10.0.0.1:6379' \(from RAY_ADDRESS: "
+                                         r"Could not find any running Ray instance.\); .* unset RAY_ADDRESS") as e:
+        start_ray(None)
+    assert "\n" not in str(e.value)
+    with pytest.raises(BenchError, match="drop --address"):
+        start_ray("ray://nowhere:10001")
+
+
+HEAD = """
+import ray, sys
+from ray._raylet import AuthenticationMode, get_authentication_mode
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+token = get_authentication_mode() == AuthenticationMode.TOKEN
+print(ray.get_runtime_context().gcs_address, "token" if token else "", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_bench_run_joins_a_running_cluster_and_ships_the_code(tmp_path):
+    """A cluster started elsewhere, whose workers have neither this checkout on their path nor our settings: bench.run
+    joins it through RAY_ADDRESS, and the workers import eda/bench from the shipped py_modules and see EDA_BENCH_*."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.harness.store import read_runs
+    from tests.test_run import write_grid
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS") and
+             not k.startswith("EDA_BENCH_")}
+    head = subprocess.Popen([sys.executable, "-c", HEAD], cwd=tmp_path, env={**clean, "OMP_NUM_THREADS": "1"},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address, _, auth = head.stdout.readline().strip().partition(" ")
+        assert address, "the head process did not start a cluster"
+        grid = write_grid(tmp_path, ["test-where"], bits=("W8A8",))
+        out = tmp_path / "out"
+        env = {**clean, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO), "EDA_BENCH_PROBE": "from-the-driver"}
+        if auth == "token":  # a client joins a token-authenticated cluster only when told to (README)
+            env["RAY_AUTH_MODE"] = "token"
+        rc = subprocess.run([sys.executable, "-m", "bench.run", "--grid", grid, "--out", str(out), "--no-progress",
+                             "--runtime-env-json", json.dumps({"py_modules": [str(REPO / "tests")]})],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert rc.returncode == 0, rc.stderr[-3000:]
+        assert "[test-tiny/test-where/W8A8/seed0]" in rc.stdout  # live lines from the joined cluster's worker
+    finally:
+        head.stdin.close()
+        head.wait(timeout=120)
+    row = read_runs(out / "runs").iloc[0]
+    info = json.loads(row["info"])
+    assert row["status"] == "ok" and info["probe"] == "from-the-driver"
+    # imported from Ray's unpacked py_modules, not from this checkout nor an installed eda-bench
+    assert all("py_modules_files" in f and not f.startswith(str(REPO)) for f in info["code"]), info["code"]
+    assert row["node_id"] and row["host"]
