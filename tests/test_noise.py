@@ -117,3 +117,28 @@ def test_a_variant_that_did_not_reach_the_workers_is_an_error():
         _check_applied(parse_variant("isa=avx2"), rows)
     with pytest.raises(BenchError, match="threads"):
         _check_applied(parse_variant("threads=2"), rows)
+
+
+def test_variant_check_compares_cells_whatever_their_order():
+    """A rerun whose cells finished (and were read back) in another order is still bit-identical to base."""
+    from bench.studies.noise import variant_checks
+
+    rows = synthetic()
+    base = rows[rows["variant"] == BASE]
+    again = base.iloc[::-1].assign(variant="repeat")
+    out = variant_checks(pd.concat([rows, again], ignore_index=True))
+    assert bool(out.set_index("variant").loc["repeat", "bit_identical"]) is True
+
+
+def test_an_interrupted_measurement_of_the_same_commit_resumes(tmp_path, monkeypatch):
+    import bench.studies.noise as noise
+
+    rows = synthetic()
+    runs = pd.DataFrame([{"variant": v, "kind": "float", "what": v, "exit": 0, "seconds": 1.0, "command": "x"}
+                         for v in rows["variant"].unique()])
+    env = {"command": "c", "device": "d", "versions": {}, "git_commit": "abc", "time": "t", "load_average": 0.0}
+    noise.write_outputs(rows, runs, env, tmp_path, tmp_path / "noise.md")
+    got = noise._previous(tmp_path / "noise" / "rows.parquet", rows["grid"].iloc[0], "abc")
+    assert got is not None and set(got[1]["variant"]) == set(rows["variant"])
+    assert noise._previous(tmp_path / "noise" / "rows.parquet", rows["grid"].iloc[0], "def") is None
+    assert noise._previous(tmp_path / "noise" / "rows.parquet", rows["grid"].iloc[0], "abc-dirty") is None

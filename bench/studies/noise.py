@@ -277,7 +277,9 @@ def variant_checks(rows: pd.DataFrame, tolerances: dict | None = None) -> pd.Dat
     for v, g in rows[rows["variant"].ne(BASE) & rows["variant"].ne(SEEDS)].groupby("variant", sort=False):
         bad, compared = compare(base, g, tolerances=tolerances)
         m = measured_metrics(rows)
-        same = (ok[ok["variant"] == v].set_index(CELL)[m] == ok[ok["variant"] == BASE].set_index(CELL)[m]).all(axis=None)
+        a = ok[ok["variant"] == v].set_index(CELL)[m].sort_index()
+        b = ok[ok["variant"] == BASE].set_index(CELL)[m].sort_index()
+        same = bool(a.index.equals(b.index) and a.equals(b))  # cells may finish (and be read) in another order
         out.append({"variant": v, "compared": compared, "problems": len(bad), "bit_identical": bool(same),
                     "problem_cells": "; ".join(f"{r.method} {r.bits} {r.metric}" for r in bad.itertuples())})
     return pd.DataFrame(out, columns=["variant", "compared", "problems", "bit_identical", "problem_cells"])
@@ -445,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "results"),
                    help="writes <out>/noise/rows.parquet, <out>/noise/spread.parquet and --page (default: results/)")
     p.add_argument("--page", default=None, help="the Markdown page (default: <out>/noise.md)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="rerun every variant (default: keep the runs an interrupted measurement of the same clean "
+                        "commit left in <out>/noise/rows.parquet)")
     p.add_argument("--work", default=None,
                    help="where the runs and their caches go (default: a temporary directory, removed at the end)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="ARG",
@@ -453,6 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-render spread.parquet and the page from <out>/noise/rows.parquet; run nothing")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
+
+
+def _previous(path: Path, grid: str, commit: str):
+    """(rows, runs) of an earlier measurement at `path` of the same grid at the same clean commit, else None."""
+    if not path.is_file() or not commit or commit.endswith("-dirty"):
+        return None
+    try:
+        rows, runs, env = read_rows(path)
+    except BenchError:
+        return None
+    same = env.get("git_commit") == commit and set(rows.get("grid", pd.Series(dtype=str))) <= {grid}
+    return (rows, runs) if same and len(runs) else None
 
 
 @cli_main
@@ -481,6 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     all_rows, runs = [], []
+    done = _previous(out / "noise" / "rows.parquet", args.grid, env["git_commit"]) if args.resume else None
+    if done is not None:  # an interrupted measurement of this commit: keep its finished runs
+        prev_rows, prev_runs = done
+        keep = [v for v in variants if v.name in set(prev_runs["variant"])]
+        if keep:
+            all_rows.append(prev_rows[prev_rows["variant"].isin([v.name for v in keep])])
+            runs += prev_runs[prev_runs["variant"].isin([v.name for v in keep])].to_dict("records")
+            print(f"resuming: {', '.join(v.name for v in keep)} already measured at this commit", file=sys.stderr)
+            variants = [v for v in variants if v not in keep]
     bar = tqdm(variants, desc=f"bench.noise {args.grid}", unit="run", disable=not args.progress, file=sys.stderr)
     try:
         for v in bar:
