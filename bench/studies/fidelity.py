@@ -38,8 +38,8 @@ FIXES = [
                 "activation stage", ["qdiffusion"]),
     ("cf5df55", "PTQ4DM: the shipped script's NDTC and no reconstruction", ["ptq4dm"]),
 ]
-METRICS = [("digits_fid_vs_fp", "digits-FID vs FP", 2), ("digits_fid", "digits-FID", 1),
-           ("eps_mse", "eps MSE vs FP", 5)]
+METRICS = [("digits_fid_vs_fp", "digits-FID vs FP", 3), ("digits_fid", "digits-FID", 3),
+           ("eps_mse", "eps MSE vs FP", 3)]  # (column, label, significant digits)
 
 
 def load() -> dict[str, pd.DataFrame]:
@@ -72,30 +72,51 @@ def render(runs: dict[str, pd.DataFrame]) -> str:
              "method.", ""]
     if BASE not in runs:
         raise BenchError(f"no rows of the base commit {BASE} in {ROWS}; add them with --add")
+    fix_shas = {f[0] for f in FIXES}
+    finals = [sha for sha in runs if sha != BASE and sha not in fix_shas]
+    if len(finals) > 1:
+        raise BenchError(f"rows of several commits after the fixes in {ROWS}: {', '.join(finals)}; keep one")
+    if finals:
+        final = finals[0]
+        methods = [m for m in ("rtn", "ptq4dm", "qdiffusion", "eda-dm") if m in set(runs[final]["method"])]
+        lines += [f"## All fixes together ({BASE} -> {final})", "",
+                  f"Every method at the commit before the fixes and at {final}, which holds all of them.", ""]
+        lines += _table(runs, {m: BASE for m in methods}, final, methods)
     latest = {m: BASE for f in FIXES for m in f[2]}
     for sha, what, methods in FIXES:
         if sha not in runs:
-            lines += [f"## {what} ({sha})", "", "not run yet", ""]
+            lines += [f"## {what} ({sha})", "", "not run yet: `python -m bench.run --grid fidelity --methods "
+                      f"{','.join(methods)}` at {sha}, then `--add`", ""]
             continue
-        lines += [f"## {what} ({sha})", "",
-                  "| method | metric | before | after | after - before (paired) |", "|---|---|---|---|---|"]
+        lines += [f"## {what} ({sha})", ""]
+        lines += _table(runs, latest, sha, methods)
         for meth in methods:
-            before, after = _cell(runs[latest[meth]], meth), _cell(runs[sha], meth)
-            for col, label, dec in METRICS:
-                b, a = before[col].dropna(), after[col].dropna()
-                common = sorted(set(b.index) & set(a.index))
-                dm, dh, _ = mean_ci([a[s] - b[s] for s in common])
-                verdict = ""
-                if np.isfinite(dh) and abs(dm) > dh:
-                    better = (dm < 0) == lower_is_better(col)
-                    verdict = " (better)" if better else " (worse)"
-                lines.append(f"| {meth} ({latest[meth]} -> {sha}) | {label} | {_fmt(*mean_ci(b.tolist())[:2], dec)} | "
-                             f"{_fmt(*mean_ci(a.tolist())[:2], dec)} | {_fmt(dm, dh, dec)}{verdict} |")
-            latest[meth] = sha
-        lines.append("")
+            if not _cell(runs[sha], meth).empty:
+                latest[meth] = sha
     lines += ["Not measurable on digits: the guided-model fixes (pairs of guidance branches, Stable Diffusion's "
               "softmax bits; digits is unconditional).", ""]
     return "\n".join(lines)
+
+
+def _table(runs, before_at: dict, sha: str, methods) -> list[str]:
+    """Before (each method at its latest measured commit) vs after (at sha), per metric, paired by seed."""
+    lines = ["| method | metric | before | after | after - before (paired) |", "|---|---|---|---|---|"]
+    for meth in methods:
+        before, after = _cell(runs[before_at[meth]], meth), _cell(runs[sha], meth)
+        if after.empty:
+            lines.append(f"| {meth} ({before_at[meth]} -> {sha}) | - | | not run at {sha} | |")
+            continue
+        for col, label, dec in METRICS:
+            b, a = before[col].dropna(), after[col].dropna()
+            common = sorted(set(b.index) & set(a.index))
+            dm, dh, _ = mean_ci([a[s] - b[s] for s in common])
+            verdict = ""
+            if np.isfinite(dh) and abs(dm) > dh:
+                better = (dm < 0) == lower_is_better(col)
+                verdict = " (better)" if better else " (worse)"
+            lines.append(f"| {meth} ({before_at[meth]} -> {sha}) | {label} | {_fmt(*mean_ci(b.tolist())[:2], dec)} | "
+                         f"{_fmt(*mean_ci(a.tolist())[:2], dec)} | {_fmt(dm, dh, dec)}{verdict} |")
+    return lines + [""]
 
 
 def _seeds(runs) -> str:
