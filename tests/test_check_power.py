@@ -34,14 +34,16 @@ def _problems(ref: pd.DataFrame, cur: pd.DataFrame) -> pd.DataFrame:
     return problems
 
 
-def test_every_float_variant_passes_the_committed_windows(rows, base):
-    """Same code, other float details: the check must stay green (a false alarm every night is a dead check)."""
-    variants = [v for v in rows["variant"].unique() if v not in (BASE, SEEDS)]
-    assert len(variants) >= 3, variants
-    for v in variants:
-        cur = rows[rows["variant"] == v]
-        problems = _problems(base, cur)
-        assert problems.empty, (v, problems.to_string())
+def test_every_pair_of_float_outcomes_passes_both_ways(rows):
+    """Same code, other float details: whichever outcome is the reference, the other passes (a false alarm every
+    night is a dead check)."""
+    outcomes = [v for v in rows["variant"].unique() if v != SEEDS]
+    assert len(outcomes) >= 4, outcomes
+    for ref in outcomes:
+        for cur in outcomes:
+            if ref != cur:
+                problems = _problems(rows[rows["variant"] == ref], rows[rows["variant"] == cur])
+                assert problems.empty, (ref, cur, problems.to_string())
 
 
 def test_the_base_run_against_itself_passes(base):
@@ -55,11 +57,21 @@ def _worse(df: pd.DataFrame, metric: str, factor: float) -> pd.DataFrame:
     return df
 
 
-@pytest.mark.parametrize("metric", ["digits_fid", "eps_mse", "mse_vs_fp", "fid"])
-def test_every_quantized_cell_a_quarter_worse_fails(base, metric):
-    problems = _problems(base, _worse(base, metric, 1.24))
-    flagged = set(problems.loc[problems["metric"] == metric, "method"])
-    assert flagged, f"24% worse {metric} on every quantized cell passed the check"
+@pytest.mark.parametrize("metric, factor", [("eps_mse", 1.2), ("fid", 2.0)])
+def test_eps_mse_up_20_percent_or_fid_doubled_fails_on_every_quantized_cell(base, metric, factor):
+    problems = _problems(base, _worse(base, metric, factor))
+    flagged = set(problems.loc[problems["metric"] == metric, "method"] + " " + problems.loc[problems["metric"] == metric, "bits"])
+    quantized = set((base["method"] + " " + base["bits"])[base["method"] != "fp"])
+    assert flagged == quantized, (metric, factor, sorted(quantized - flagged))
+
+
+@pytest.mark.parametrize("metric, factor", [("digits_fid", 1.6), ("mse_vs_fp", 2.0)])
+def test_the_noisier_metrics_catch_large_regressions_at_w4a8(base, metric, factor):
+    """digits-FID and the per-sample error against FP move by 24% / 40% under float noise alone for EDA-DM W4A8,
+    so their windows are wide; a regression of this size still fails on every W4A8 cell."""
+    problems = _problems(base, _worse(base, metric, factor))
+    flagged = set(problems.loc[problems["metric"] == metric, "method"][problems["bits"] == "W4A8"])
+    assert flagged == set(base.loc[(base["method"] != "fp") & (base["bits"] == "W4A8"), "method"]), flagged
 
 
 def test_losing_two_of_ten_classes_fails(base):
@@ -74,13 +86,14 @@ def test_losing_two_of_ten_classes_fails(base):
 def test_eda_dm_silently_running_round_to_nearest_fails(base, bits):
     """EDA-DM's rows replaced by round-to-nearest's at the same bit width (the method quietly lost calibration and
     reconstruction). Fails on the paired metrics, which move least under float noise."""
-    metrics = ["eps_mse", "mse_vs_fp", "digits_fid_vs_fp", "digits_fid", "fid"]
+    metrics = ["eps_mse", "mse_vs_fp", "digits_fid_vs_fp", "digits_fid", "fid", "digits_coverage",
+               "digits_confidence"]
     eda = base[(base["method"] == "eda-dm") & (base["bits"] == bits)]
     rtn = base[(base["method"] == "rtn") & (base["bits"] == bits)]
     assert len(eda) == len(rtn) == 1
-    worse = [m for m in ("eps_mse", "mse_vs_fp") if rtn[m].iloc[0] > eda[m].iloc[0]]
+    worse = [m for m in ("eps_mse",) if rtn[m].iloc[0] > eda[m].iloc[0]]
     if not worse:
-        pytest.fail(f"round-to-nearest is not worse than EDA-DM at {bits} on the paired errors in the committed rows")
+        pytest.fail(f"round-to-nearest is not worse than EDA-DM at {bits} on eps_mse in the committed rows")
     cur = base.copy()
     idx = eda.index[0]
     for m in metrics:
@@ -98,8 +111,8 @@ def test_a_missing_or_failed_cell_fails(base):
     assert (_problems(base, failed)["current"] == "failed").any()
 
 
-def test_the_windows_sit_above_the_measured_float_noise_with_margin(rows, base):
-    """No window is narrower than the largest float-noise change seen on the committed rows; print the margins."""
+def test_the_windows_leave_a_margin_over_the_measured_float_noise(rows):
+    """Every float-noise change from base is at most 60% of its window (about 2x margin, README)."""
     from bench.reporting.regression import window
     from bench.studies.noise import float_deltas
 
@@ -107,4 +120,4 @@ def test_the_windows_sit_above_the_measured_float_noise_with_margin(rows, base):
     assert len(d)
     w = np.array([window(m, b) for m, b in zip(d["metric"], d["base"])])
     frac = d["delta"].abs().to_numpy() / w
-    assert np.all(frac <= 1.0), d.assign(frac=frac).sort_values("frac").tail(5).to_string()
+    assert np.all(frac <= 0.6), d.assign(frac=frac).sort_values("frac").tail(5).to_string()

@@ -13,15 +13,16 @@ from bench.metrics.names import LABELS, METRICS, lower_is_better
 
 K_CI = 1.0
 BOUNDED = frozenset({"precision", "recall", "digits_coverage", "digits_confidence"})  # in [0, 1]: absolute only
-# (abs, rel) window per metric. Measured: the smoke grid's metrics, from results/noise.md (see the module docstring).
+# (abs, rel) window per metric; why these numbers: the docstring of bench/check.py and results/noise.md.
 TOLERANCES: dict[str, tuple[float, float]] = {
-    "fid": (1.0, 0.10),
-    "digits_fid": (0.5, 0.10),
-    "digits_fid_vs_fp": (0.5, 0.10),
-    "digits_coverage": (0.05, 0.0),
-    "digits_confidence": (0.02, 0.0),
-    "eps_mse": (1e-5, 0.10),
-    "mse_vs_fp": (1e-5, 0.10),
+    # measured on the smoke grid (results/noise.md): about 2x the largest spread between two float outcomes of a cell
+    "fid": (1.5, 0.10),  # spread 4.1%
+    "digits_fid": (1.0, 0.50),  # spread 24%
+    "digits_fid_vs_fp": (1.0, 3.0),  # spread 142% (EDA-DM W4A8, 128 samples): catches a collapse only
+    "digits_coverage": (0.05, 0.0),  # never moved; one class of ten is 0.1
+    "digits_confidence": (0.02, 0.0),  # spread 0.005
+    "eps_mse": (1e-5, 0.08),  # spread 3.6%: the metric with the check's power
+    "mse_vs_fp": (1e-5, 0.8),  # spread 40%
     # not measured (not computed by the smoke grid): the previous absolute floors and a 10% relative window
     "sfid": (1.0, 0.10), "is": (0.1, 0.10), "kid": (0.002, 0.10), "fid_vs_fp": (0.5, 0.10), "clip": (0.005, 0.10),
     "precision": (0.02, 0.0), "recall": (0.02, 0.0),

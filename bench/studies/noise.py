@@ -332,7 +332,7 @@ def render(rows: pd.DataFrame, runs: pd.DataFrame, spread: pd.DataFrame, checks:
     grid = rows["grid"].iloc[0]
     commits = sorted(set(rows["git_commit"].dropna()))
     lines = [f"# Float noise and seed noise of the {grid} grid (`python -m bench.noise`)", "",
-             f"Measured {env['time']} by `{env['command']}` at commit `{', '.join(c[:12] for c in commits)}` on "
+             f"Measured {env['time']} by `{env['command']}` at commit `{', '.join(dict.fromkeys(c[:12] + ('-dirty' if c.endswith('-dirty') else '') for c in commits))}` on "
              f"{env['device']} (load average {env['load_average']:.1f} at the start).", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())), "",
              "Every run is `python -m bench.run` of the grid in a fresh results and artifact-cache directory; the "
