@@ -100,6 +100,29 @@ if "test-slow" not in available_methods():
             time.sleep(m.sleep)
 
 
+if "test-wait" not in available_methods():
+
+    @register_method("test-wait")
+    @dataclass(frozen=True)
+    class _Wait(_Fake):
+        """Like test-ok, but quantize waits (at most `sleep` seconds) for the file `until` to exist; its row's info
+        says whether it appeared. A test's driver creates the file when it receives the cell's first live log line,
+        so the row tells, whatever the machine's load, whether lines reach the driver while the cell still runs."""
+        sleep: float = 120.0
+        until: str = ""
+
+        def quantize(self, model, bits, trajectories, seed=0, overrides=None, progress=True):
+            import time
+
+            m = self.configure(model, bits, overrides)
+            end = time.monotonic() + m.sleep
+            while m.until and not os.path.exists(m.until) and time.monotonic() < end:
+                time.sleep(0.1)
+            res = super().quantize(model, bits, trajectories, seed, overrides, progress)
+            res.info.update(saw_driver_signal=bool(m.until) and os.path.exists(m.until))
+            return res
+
+
 if "test-where" not in available_methods():
 
     @register_method("test-where")
