@@ -100,11 +100,11 @@ if "test-slow" not in available_methods():
             time.sleep(m.sleep)
 
 
-if "test-wait" not in available_methods():
+if "test-signal" not in available_methods():
 
-    @register_method("test-wait")
+    @register_method("test-signal")
     @dataclass(frozen=True)
-    class _Wait(_Fake):
+    class _Signal(_Fake):
         """Like test-ok, but quantize waits (at most `sleep` seconds) for the file `until` to exist; its row's info
         says whether it appeared. A test's driver creates the file when it receives the cell's first live log line,
         so the row tells, whatever the machine's load, whether lines reach the driver while the cell still runs."""

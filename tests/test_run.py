@@ -183,7 +183,7 @@ def test_cell_log_lines_reach_the_driver_while_the_cell_runs(ray_session, tmp_pa
     from bench.harness.worker import execute
 
     signal = tmp_path / "driver-saw-a-line"
-    cell = Cell(grid="t", model="test-tiny", method="test-wait", bits="W8A8", seed=0, samples=8, batch_size=4,
+    cell = Cell(grid="t", model="test-tiny", method="test-signal", bits="W8A8", seed=0, samples=8, batch_size=4,
                 overrides={"until": str(signal)})
     events = []
 
