@@ -195,16 +195,21 @@ def fast_path(on: bool):
 
 
 @contextlib.contextmanager
-def compiled_path():
-    """The opt-in torch.compile'd fake-quant kernel (EDA_BENCH_COMPILE_FAKEQUANT=1)."""
+def quantizer_flag(name: str, value: bool):
+    """eda.quantizer.<name> set to value inside the block, restored after it (the switches between code paths)."""
     import eda.quantizer
 
-    old = eda.quantizer.COMPILED_INFERENCE
-    eda.quantizer.COMPILED_INFERENCE = True
+    old = getattr(eda.quantizer, name)
+    setattr(eda.quantizer, name, value)
     try:
         yield
     finally:
-        eda.quantizer.COMPILED_INFERENCE = old
+        setattr(eda.quantizer, name, old)
+
+
+def compiled_path():
+    """The opt-in torch.compile'd fake-quant kernel (EDA_BENCH_COMPILE_FAKEQUANT=1)."""
+    return quantizer_flag("COMPILED_INFERENCE", True)
 
 
 VARIANTS = (("fq", "fake-quant (inference fast path)"), ("compiled", "fake-quant, compiled kernel (opt-in)"),
@@ -430,18 +435,10 @@ def fig_cifar(args) -> list[dict]:
 # (g) EDA-DM W4A8 on digits at the official budget: the reconstruction throughput target
 
 
-@contextlib.contextmanager
 def fused_training(on: bool):
     """eda.quantizer.FUSED_TRAINING: the activation fake-quant of training as one autograd Function (on) or the
     composed torch ops of the official formula (off, the path before it)."""
-    import eda.quantizer
-
-    old = eda.quantizer.FUSED_TRAINING
-    eda.quantizer.FUSED_TRAINING = on
-    try:
-        yield
-    finally:
-        eda.quantizer.FUSED_TRAINING = old
+    return quantizer_flag("FUSED_TRAINING", on)
 
 
 def _top_ops(fn, k: int = 6) -> list[dict]:
