@@ -74,7 +74,9 @@ class ReconConfig:
     max_loss_ratio: float = 1e4  # loss above ratio x the first iteration's loss counts as divergence
     eval_mse: bool = True  # report each unit's deterministic output MSE before and after
     # "fraction": run `iters`; "converged": stop a unit once its loss curve has plateaued (eda.convergence), with
-    # `iters` as the cap
+    # `iters` as the cap. A stage with the AdaRound regulariser never stops early: its temperature b anneals over
+    # the whole `iters` (BRECQ's LinearTempDecay, used by Q-Diffusion and PTQ4DM), so a unit stopped on a plateau of
+    # the reconstruction term would harden rounding variables the regulariser has not yet pushed to 0 or 1.
     budget: str = "fraction"
 
     def __post_init__(self):
@@ -244,6 +246,7 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
         q.qdrop_prob, q.training_qdrop = cfg.qdrop_prob, True
 
     window = window_size(iters)
+    early_stop = cfg.budget == "converged" and not cfg.adaround_reg  # see ReconConfig.budget
     bar = range(iters)
     if progress:
         from tqdm.auto import tqdm
@@ -289,8 +292,7 @@ def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: Ca
             for s in scheds:
                 s.step()
             done = it + 1
-            if cfg.budget == "converged" and done % window == 0 and done * 10 >= iters \
-                    and plateaued(res["losses"], window):
+            if early_stop and done % window == 0 and done * 10 >= iters and plateaued(res["losses"], window):
                 break
     finally:
         for q in ada:
