@@ -4,6 +4,9 @@ Compares the latest run of the baseline's grid in <out>/runs with the committed 
 table of the offending cells (and writing it as Markdown with --markdown), when
 
 - a reference cell (model, method, bits, seed) is missing from the run, or its latest row failed, or
+- a cell ran with another configuration than the reference (samples, sampler, method knobs): it is named with the
+  settings that differ and never compared or averaged in (the batch size moves results at float level only and is
+  covered by the windows), or
 - a metric got worse beyond its window, paired seed by seed:
 
       window_s = max(abs[metric], rel[metric] * |reference_s|)     the float-noise window of seed s's value

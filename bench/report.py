@@ -4,7 +4,8 @@ Tables: one per model, rows = methods, columns = W/A setting x metric, mean +- 9
 interval; no CI with one seed), the best quantized method per column in bold, FP as the reference row. Written to
 <out>/report.md and LaTeX booktabs <out>/tables/<grid>-<model>.tex. Plots (PNG + SVG) under <out>/plots/: metric vs
 bit width per method, quantization time per method, per-step noise-prediction error vs FP, TDAC allocation, and the
-FP / per-method sample grids from the same seed.
+FP / per-method sample grids from the same seed. A grid's rows must come from one clean commit (the page names it);
+--allow-mixed shows several together and lists each.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default=None,
                    help=f"comma-separated metrics to tabulate (default: every one recorded; known: {', '.join(METRICS)})")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="show rows of several commits (or of a dirty tree) in one table, every commit listed; "
+                        "by default a grid's rows must come from one clean commit")
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-    path = render(Path(args.out), args.grid, metrics, args.plots)
+    path = render(Path(args.out), args.grid, metrics, args.plots, args.allow_mixed)
     print(f"wrote {path}, {Path(args.out) / 'tables'}/, {Path(args.out) / 'plots'}/")
     return 0
 

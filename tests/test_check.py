@@ -211,3 +211,17 @@ def test_update_takes_one_clean_commit_only(tmp_path, commits, ok, capsys):
         assert e.value.code == BenchError.exit_code and "one clean commit" in capsys.readouterr().err
         assert not (tmp_path / "ref.parquet").exists()
         assert main([*argv, "--allow-dirty"]) == 0
+
+
+def test_other_configuration_is_reported_not_compared(setup):
+    """A cell rerun with other settings (more samples: another cell key) is never compared with, or averaged into,
+    the reference: the check names the setting that differs, even when the numbers would pass."""
+    tmp_path, ref = setup
+    ref_df = read_runs(tmp_path / "runs")
+    cur = ref_df.copy()
+    sel = (cur["method"] == "eda-dm") & (cur["seed"] == 1)
+    cur.loc[sel, "cell_key"] = "eda-dm-W4A8-1-s64"
+    cur.loc[sel, "samples"] = 64
+    bad, compared = compare(ref_df, cur)
+    assert len(bad) == 1 and "configuration differs from the reference: samples 16 -> 64" in bad["reason"].iloc[0]
+    assert compared == 3 * 2  # eda-dm still compared on its two other seeds

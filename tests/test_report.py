@@ -74,3 +74,43 @@ def test_latex_escapes_and_empty_store(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "empty")])
     assert e.value.code == 2
+
+
+def test_report_refuses_mixed_or_dirty_commits_unless_told(tmp_path, capsys):
+    """A table averages rows of one clean commit; rows of two commits or of a dirty tree are refused with one line
+    naming them, and --allow-mixed shows them with every commit listed."""
+    make_store(tmp_path / "runs")
+    r = empty_row()
+    r.update(grid="g", model="m", method="rtn", bits="W8A8", w_bits=8, a_bits=8, seed=3, samples=16, status="ok",
+             error="", cell_key="late", run_id="r2", git_commit="def456-dirty", dataset="digits", sampler="ddim4",
+             digits_fid=5.0, time=pd.Timestamp.now(tz="UTC"))
+    write_row(tmp_path / "runs", r)
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--grid", "g", "--no-plots"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "abc (" in err and "def456-dirty (1 cells)" in err and "--allow-mixed" in err
+    assert not (tmp_path / "report.md").exists()
+    assert main(["--out", str(tmp_path), "--grid", "g", "--no-plots", "--allow-mixed"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "mixed commits" in md and "abc (" in md and "def456-dirty (1 cells)" in md
+
+
+def test_report_names_the_one_clean_commit(tmp_path):
+    make_store(tmp_path / "runs")
+    assert main(["--out", str(tmp_path), "--grid", "g", "--no-plots"]) == 0
+    assert "commit abc;" in (tmp_path / "report.md").read_text()
+
+
+def test_report_never_averages_two_configurations(tmp_path, capsys):
+    """Rows of one (model, method, bits) with another sample count are refused, not averaged over seeds."""
+    make_store(tmp_path / "runs")
+    r = empty_row()
+    r.update(grid="g", model="m", method="rtn", bits="W8A8", w_bits=8, a_bits=8, seed=3, samples=64, status="ok",
+             error="", cell_key="more", run_id="r2", git_commit="abc", dataset="digits", sampler="ddim4",
+             digits_fid=5.0, time=pd.Timestamp.now(tz="UTC"))
+    write_row(tmp_path / "runs", r)
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--grid", "g", "--no-plots"])
+    assert e.value.code == 2
+    assert "m rtn W8A8 has rows with different samples (16 | 64)" in capsys.readouterr().err

@@ -107,7 +107,18 @@ def compare_all(ref: pd.DataFrame, cur: pd.DataFrame, rel_tol=None, k: float = K
         elif (c := cur_by.loc[key]).get("status") != "ok":
             problems.append(dict(zip(CELL, key), metric="-", reference="ok", current="failed", worse_by="-",
                                  tolerance="-", reason=str(c["error"])[:120]))
+    # A cell is compared only with the same configuration (samples, sampler, method knobs): a run with other
+    # settings is reported, never averaged in. The batch size is not part of it here: it moves results at float
+    # level only, which the windows were measured to cover (results/noise.md, variant batch=32).
+    ref_by = ref.set_index(CELL)
     ok_cur = cur[cur["status"] == "ok"].set_index(CELL)
+    for key in ref_by.index.intersection(ok_cur.index):
+        r, c = ref_by.loc[key], ok_cur.loc[key]
+        diff = config_diff(r, c)
+        if diff:
+            problems.append(dict(zip(CELL, key), metric="-", reference="-", current="-", worse_by="-",
+                                 tolerance="-", reason="configuration differs from the reference: " + diff))
+            ok_cur = ok_cur.drop(index=key)
     wanted = metrics or [m for m in METRICS if m in ref and ref[m].notna().any()]
     comparisons = []
     for key, g in ref.groupby(GROUP, sort=False):
@@ -154,6 +165,21 @@ def compare(ref: pd.DataFrame, cur: pd.DataFrame, rel_tol=None, k: float = K_CI,
     """(offending rows, number of metric comparisons made); see compare_all."""
     problems, comparisons = compare_all(ref, cur, rel_tol, k, abs_tol, metrics, tolerances)
     return problems, len(comparisons)
+
+
+CONFIG_FIELDS = ("samples", "sampler", "steps", "overrides")  # recorded in every row (bench.harness.store)
+
+
+def config_diff(ref_row, cur_row) -> str:
+    """'samples 128 -> 256, overrides {...} -> {...}': the recorded settings in which two rows of a cell differ
+    ('' when none does; a field missing on either side is not compared)."""
+    def val(row, f):
+        v = row.get(f)
+        return None if v is None or (pd.api.types.is_scalar(v) and pd.isna(v)) else str(v)
+
+    diffs = [f"{f} {val(ref_row, f)} -> {val(cur_row, f)}" for f in CONFIG_FIELDS
+             if val(ref_row, f) is not None and val(cur_row, f) is not None and val(ref_row, f) != val(cur_row, f)]
+    return ", ".join(diffs)
 
 
 def _f(x: float) -> str:
