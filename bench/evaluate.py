@@ -26,6 +26,7 @@ from bench.metrics.reference import default_split, reference_available
 from bench.metrics.score import evaluate
 from bench.models.sampling import SKIP_TYPES, SamplerConfig, timesteps
 from bench.studies.model_card import save_grid, write_card
+from bench.harness.devices import HELP as DEVICE_HELP, resolve_device
 
 
 def sample_images(model, n: int, seed: int = 0, sampler: SamplerConfig | None = None, batch_size: int = 256,
@@ -77,7 +78,7 @@ def main(argv=None):
     p.add_argument("--reference-dir", help="folder of reference images (datasets other than digits)")
     p.add_argument("--extractor", default="fid-helper", choices=("fid-helper", "clean-fid"),
                    help="Inception weights: fid-helper (offline, default) or clean-fid's own file")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", default="auto", type=resolve_device, help=f"torch device: {DEVICE_HELP}")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--out", type=Path, help="write a PNG grid of the samples here")
     p.add_argument("--card", type=Path, help="write the model card markdown here (plus -samples.png, -loss.png), "

@@ -21,6 +21,7 @@ from typing import Any
 
 from bench.errors import UsageError, cli_main
 from bench.harness.seeds import CALIB_OFFSET, calib_seed
+from bench.harness.devices import HELP as DEVICE_HELP, resolve_device
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"noise seed of the recorded FP trajectories (default: seed + {CALIB_OFFSET}, the calibration "
                         "stream of bench/harness/seeds.py, so samples drawn with --seed never start from calibration "
                         "noise)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", type=resolve_device, help=f"torch device: {DEVICE_HELP}")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size for recording trajectories (default 256)")
     p.add_argument("--list-knobs", action="store_true", help="print the method's knobs with resolved defaults and exit")

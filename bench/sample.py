@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.errors import UsageError, cli_main
 from bench.models.saved import is_quantized_dir, load_for_sampling  # noqa: F401 - re-exported: bench.sample's API
+from bench.harness.devices import HELP as DEVICE_HELP, resolve_device
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="integer upscaling of each image (nearest; default: to at least 64 px per side)")
     p.add_argument("--steps", type=int, default=None, help="override the model's sampler step count")
     p.add_argument("--batch-size", type=int, default=256, help="sampling batch size (default 256)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", type=resolve_device, help=f"torch device: {DEVICE_HELP}")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--save-tensor", help="also save the images in [-1, 1] as a .pt tensor here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
