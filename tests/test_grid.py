@@ -117,8 +117,13 @@ def test_shipped_grids():
     assert full.model_names() == ["cifar10-ddim", "lsun-bedroom-ldm4", "lsun-church-ldm8", "imagenet-ldm4", "sd-v1-4"]
     for c in full.cells():
         assert c.samples == (10_000 if c.model == "sd-v1-4" else 50_000)
-    digits = load_grid("digits")
-    assert len(digits.cells()) == 3 * (1 + 6 * 3)
+    digits = load_grid("digits")  # two models x 3 seeds x (FP + 6 methods x 3 settings), each cell once
+    cells = digits.cells()
+    assert len(cells) == 2 * 3 * (1 + 6 * 3) and len({c.key for c in cells}) == len(cells)
+    assert {c.model for c in cells} == {"digits-ddpm", "digits-cosine"}
+    assert all(c.overrides["n_samples"] == 1024 and c.samples == 512 for c in cells)
+    assert {c.overrides["budget"] for c in cells if c.method == "qdiffusion"} == {"fraction"}
+    assert {c.overrides["budget"] for c in cells if c.method.startswith("eda-dm")} == {"converged"}
 
 
 def _with_resources(tmp_path, block: str, extra: str = ""):

@@ -1,14 +1,18 @@
-"""Render the digits methods study from the results store.
+"""Render the digits methods study from its rows.
 
-    python -m bench.run --grid digits          # the 57 cells (results/runs/grid=digits, resumable)
-    python -m bench.studies.digits             # -> results/digits-study.md, results/digits-study.parquet,
-                                               #    results/plots/digits-study-*.png
+    python -m bench.run --grid digits --out DIR          # 114 cells on two models (resumable: same command)
+    python -m bench.studies.digits --runs DIR/runs       # -> results/digits-study.md, results/digits-study.parquet,
+                                                         #    results/plots/digits-study-*.png
+    python -m bench.studies.digits                       # re-render from the committed results/digits-study.parquet
 
-Everything on the page is computed from the stored rows: means with 95% Student-t intervals across the seeds,
-paired differences (EDA-DM minus a baseline on the same seed, so seed-to-seed variation of the sample set cancels),
-quantization wall time, the iteration budget each method actually ran (from the row's recorded config) and the TDAC
-allocation of the recorded run. The hand-written discussion lives in DISCUSSION below and must be re-read whenever
-the numbers change.
+Everything on the page is computed from the stored rows; nothing is typed in. Means carry 95% Student-t intervals
+across seeds; comparisons are paired by seed (EDA-DM minus another method on the same seed, so the seed's sample
+set and calibration draw cancel). The rows must come from one clean commit (bench.reporting.provenance;
+--allow-mixed shows several, each listed).
+
+Convergence: every reconstructing cell records, per unit, whether its loss curve plateaued (eda.convergence). A
+method/setting whose cells have an unconverged unit on any seed is shown with its unconverged fraction, and the
+page draws no conclusion from it: its paired comparisons read "not judged".
 """
 
 from __future__ import annotations
@@ -21,59 +25,36 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.harness.store import read_file, read_runs, runs_dir, write_file
-from bench.reporting.tables import bits_order, mean_ci
+from bench.errors import UsageError, cli_main
+from bench.harness.store import read_file, read_runs, write_file
+from bench.reporting.provenance import require_one_commit, require_one_configuration
+from bench.reporting.tables import mean_ci
 
 HERE = Path(__file__).resolve().parents[2] / "results"  # the page, its rows and plots live in results/
-
+GRID = "digits"
+MODELS = ["digits-ddpm", "digits-cosine"]
 METHODS = ["fp", "rtn", "ptq4dm", "qdiffusion", "eda-dm", "eda-dm:tdac-only", "eda-dm:fbr-only"]
-# (column, header, scale, decimals); lower is better for all but coverage
+BASELINES = ["rtn", "ptq4dm", "qdiffusion"]
+ABLATIONS = ["eda-dm:tdac-only", "eda-dm:fbr-only"]
+SETTINGS = ["W4A8", "W3A8", "W8A8"]
+# (column, header, scale, decimals); lower is better for all but classes
 COLUMNS = [("fid", "FID", 1, 1), ("kid", "KID x1e3", 1e3, 2), ("fid_vs_fp", "FID vs FP", 1, 1),
            ("digits_fid", "digits-FID", 1, 1), ("digits_fid_vs_fp", "digits-FID vs FP", 1, 2),
-           ("digits_coverage", "classes", 10, 1), ("quant_seconds", "quant. s", 1, 0)]
-PAIRED = ["fid", "fid_vs_fp", "digits_fid", "digits_fid_vs_fp"]
-
-DISCUSSION = """\
-Read with the budget in mind: every method ran 1% of its official iterations and a quarter of its calibration set on
-a 1.6M-parameter 16x16 model, so this ranks the recipes at a CPU budget. It does not reproduce the paper's numbers.
-
-- **Where EDA-DM wins.** At W4A8 and W3A8, EDA-DM is closest to the FP model: FID vs FP 7.1 (W4A8) and 13.1 (W3A8)
-  against 14.6-23.1 and 28.7-60.4 for the baselines, and the paired intervals exclude 0 against RTN and PTQ4DM at
-  both settings and against Q-Diffusion at W4A8. It also has the lowest Inception FID at W3A8.
-- **Where EDA-DM does not win.**
-  - At W8A8, EDA-DM is not distinguishable from round-to-nearest on any metric. Every paired interval contains 0,
-    and RTN's digits-FID vs FP is 0.12 against EDA-DM's 0.42. It is also not distinguishable from Q-Diffusion
-    there (FID vs FP 6.1 against 5.8): 8-bit weights leave little for any reconstruction to recover.
-  - PTQ4DM's Inception FID at W8A8 and W4A8 is the same as EDA-DM's (paired differences -0.3 ± 3.1 and +0.4 ± 0.6),
-    although its samples drift much further from the FP samples (FID vs FP 17.0 and 14.6 against 6.1 and 7.1).
-  - Against Q-Diffusion at W3A8 the intervals are too wide to call. One Q-Diffusion seed degrades badly there.
-- **Baselines behaving unlike the papers.**
-  - Q-Diffusion is worse than plain RTN at W4A8 (FID vs FP 23.1 against 15.5). A likely cause is the budget: with
-    1% of 20000 iterations, its AdaRound weight stage has 200 iterations, and the rounding regulariser's annealing
-    (b 20 -> 2 after a 20% warm-up) forces hard rounding long before the reconstruction loss has converged. EDA-DM
-    runs AdaRound without the regulariser, so it does not pay this. We did not change Q-Diffusion's published
-    recipe to rescue it.
-  - PTQ4DM's digits-FID is poor at every setting (68-95 against FP 38), while its Inception FID is close to FP. Its
-    samples change class shapes that Inception features forgive, and the digits classifier does not.
-- **Ablations.** At W4A8, full EDA-DM is not distinguishable from either ablation on any metric (all paired
-  intervals contain 0): at this budget neither TDAC alone nor FBR alone accounts for a measurable part of its lead
-  over the baselines, and the two together do not add up to more. At W3A8 both ablations are also within noise of
-  EDA-DM, and at W8A8 all three agree to a tenth of an FID point (FID vs FP 6.1 each; paired differences
-  -0.02 ± 0.09 against TDAC-only and +0.03 ± 0.93 against FBR-only).
-  The paper's ablation gains are not reproduced here; see the TDAC note below for one reason.
-- **TDAC at this N.** With N = 256 calibration samples over 100 steps, the allocation rounds to 2-3 samples per step.
-  The repair these rows ran put the whole rounding deficit on the single largest step (11 samples in the plot). That
-  was a deviation, not the official repair (which adds at most 1 per step; fixed in eda.tdac.repair_counts after
-  these rows were produced). Either way TDAC's calibration set is close to uniform here, and a TDAC-only gain needs N well above 3x the step count (the
-  paper's N = 1024).
-"""
+           ("digits_coverage", "classes", 10, 1), ("eps_mse", "eps MSE x1e3", 1e3, 2)]
+# The metrics claims are made on (lower is better): FID against held-out digits (what the paper reports), FID to
+# the FP model's samples from the same noise, and the noise-prediction error against FP (results/noise.md: the
+# least float-noisy of the three).
+PAIRED = [("fid", "FID"), ("fid_vs_fp", "FID vs FP"), ("eps_mse", "eps MSE")]
+NAMES = {"rtn": "RTN", "ptq4dm": "PTQ4DM", "qdiffusion": "Q-Diffusion", "eda-dm": "EDA-DM", "fp": "FP",
+         "eda-dm:tdac-only": "TDAC only", "eda-dm:fbr-only": "FBR only"}
 
 
-def cell(values, scale=1.0, dec=1) -> str:
-    m, h, n = mean_ci([v * scale for v in values if v is not None and np.isfinite(v)])
-    if n == 0:
-        return "-"
-    return f"{m:.{dec}f}" + (f" ± {h:.{dec}f}" if np.isfinite(h) else "")
+# ---- reading rows ---------------------------------------------------------------------------------------------------
+def info_of(row) -> dict:
+    try:
+        return json.loads(row["info"]) if isinstance(row["info"], str) and row["info"] else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def info_value(info: dict, key: str):
@@ -90,156 +71,358 @@ def info_value(info: dict, key: str):
     return v
 
 
-def budget(info: dict) -> str:
-    """Iterations per unit, batch and calibration size as the cell ran them (from the recorded config)."""
-    recon = info_value(info, "recon")
-    calib = info.get("calib_size")
-    if not recon:
-        return f"no reconstruction; {calib} calibration samples"
-    stages = []
+def unit_losses(info: dict) -> list[dict]:
+    """Every reconstructed unit's loss summary (eda.convergence.summarize), over all stages, with stage and name."""
+    recon = info_value(info, "recon") or []
+    out = []
     for st in recon if isinstance(recon, list) else [recon]:
-        c = st.get("config", st)
-        what = "weights" if c.get("learn_weights") and not c.get("learn_act_delta") else (
-            "act. steps" if c.get("learn_act_delta") and not c.get("learn_weights") else "weights + act. steps")
-        stages.append(f"{c.get('iters')} it x batch {c.get('batch_size')} ({c.get('loss')}, {what})")
-    return "; ".join(stages) + f"; {calib} calibration samples"
+        for name, u in (st.get("units") or {}).items():
+            loss = u.get("loss") or {}
+            if loss.get("iters"):
+                out.append({"stage": st.get("stage", ""), "unit": name, **loss})
+    return out
 
 
-def paired(df: pd.DataFrame, a: str, b: str, bits: str, metric: str):
-    """Mean and 95% CI of (a - b) over seeds present for both."""
-    x = df[(df.method == a) & (df.bits == bits)].set_index("seed")[metric]
-    y = df[(df.method == b) & (df.bits == bits)].set_index("seed")[metric]
+def with_convergence(ok: pd.DataFrame) -> pd.DataFrame:
+    """ok rows plus `units` and `unconverged` (0 and 0 for methods that reconstruct nothing)."""
+    ok = ok.copy()
+    units, bad = [], []
+    for _, r in ok.iterrows():
+        u = unit_losses(info_of(r))
+        units.append(len(u))
+        bad.append(sum(not x.get("plateaued") for x in u))
+    ok["units"], ok["unconverged"] = units, bad
+    return ok
+
+
+# ---- statistics -----------------------------------------------------------------------------------------------------
+def cell(values, scale=1.0, dec=1) -> str:
+    m, h, n = mean_ci([v * scale for v in values if v is not None and np.isfinite(v)])
+    if n == 0:
+        return "-"
+    return f"{m:.{dec}f}" + (f" ± {h:.{dec}f}" if np.isfinite(h) else "")
+
+
+def paired(d: pd.DataFrame, a: str, b: str, bits: str, metric: str) -> tuple[float, float, int]:
+    """Mean, 95% half-width and n of (a - b) over the seeds present for both (one model's rows)."""
+    x = d[(d.method == a) & (d.bits == bits)].set_index("seed")[metric]
+    y = d[(d.method == b) & (d.bits == bits)].set_index("seed")[metric]
     common = sorted(set(x.index) & set(y.index))
     return mean_ci([float(x[s] - y[s]) for s in common])
 
 
-def verdict(m: float, h: float) -> str:
-    if not np.isfinite(m):
+def converged(d: pd.DataFrame, method: str, bits: str) -> bool:
+    g = d[(d.method == method) & (d.bits == bits)]
+    return len(g) > 0 and int(g.unconverged.sum()) == 0
+
+
+def judge(d: pd.DataFrame, a: str, b: str, bits: str, metric: str) -> tuple[str, float, float, int]:
+    """('better' | 'worse' | 'tie' | 'one seed' | 'unconverged' | 'missing', mean, half-width, n) for a - b."""
+    m, h, n = paired(d, a, b, bits, metric)
+    if n == 0:
+        return "missing", m, h, n
+    if not (converged(d, a, bits) or a == "fp") or not (converged(d, b, bits) or b == "fp"):
+        return "unconverged", m, h, n
+    if n < 2 or not np.isfinite(h):
+        return "one seed", m, h, n
+    return ("better" if m + h < 0 else "worse" if m - h > 0 else "tie"), m, h, n
+
+
+def fmt_diff(metric: str, m: float, h: float) -> str:
+    scale = 1e3 if metric == "eps_mse" else 1.0
+    unit = "e-3" if metric == "eps_mse" else ""
+    return f"{m * scale:+.2f}{unit} ± {h * scale:.2f}{unit}" if np.isfinite(h) else f"{m * scale:+.2f}{unit}"
+
+
+def verdict_cell(v: tuple[str, float, float, int], metric: str) -> str:
+    kind, m, h, n = v
+    if kind == "missing":
         return "-"
-    if not np.isfinite(h):
-        return f"{m:+.2f} (one seed)"
-    if m + h < 0:
-        return f"**{m:+.2f} ± {h:.2f}** (EDA-DM better)"
-    if m - h > 0:
-        return f"{m:+.2f} ± {h:.2f} (EDA-DM worse)"
-    return f"{m:+.2f} ± {h:.2f} (no difference)"
+    text = fmt_diff(metric, m, h)
+    return {"better": f"**{text}** (better)", "worse": f"{text} (worse)", "tie": f"{text} (no difference)",
+            "one seed": f"{text} (one seed)", "unconverged": f"{text} (not judged: unconverged units)"}[kind]
 
 
-def tdac_plot(df: pd.DataFrame, out: Path) -> str | None:
+# ---- page sections --------------------------------------------------------------------------------------------------
+def planned_cells():
+    from bench.harness.grid import load_grid
+
+    return load_grid(GRID).cells()
+
+
+def progress_lines(ok: pd.DataFrame, failed: pd.DataFrame, planned) -> list[str]:
+    """Cells of the grid file not yet in the rows (the grid resumes and runs only these), matched on the cell key:
+    the full configuration (samples, sampler, knobs, batch size), not just model/method/bits/seed."""
+    have = set(ok.cell_key)
+    missing = [c for c in planned if c.key not in have]
+    lines = [f"{len(planned) - len(missing)} of {len(planned)} planned cells done, {len(failed)} failed."]
+    if missing:
+        groups: dict = {}
+        for c in missing:
+            groups.setdefault((c.model, c.method, c.bits), []).append(c.seed)
+        lines += ["", "**Not yet run** (`python -m bench.run --grid digits --out DIR` with the same DIR resumes and runs "
+                  "only these): " + "; ".join(f"{m} {NAMES.get(me, me)} {b} (seeds {', '.join(map(str, s))})"
+                                            for (m, me, b), s in groups.items()) + "."]
+    if len(failed):
+        lines += ["", "**Failed cells**: " + "; ".join(f"{r.model} {r.method} {r.bits} seed {r.seed}: {r.error}"
+                                                      for r in failed.itertuples()) + "."]
+    return lines + [""]
+
+
+def table_lines(d: pd.DataFrame, bits: str) -> list[str]:
+    fp = d[d.method == "fp"]
+    head = "| method | " + " | ".join(h for _, h, _, _ in COLUMNS) + " | unconverged units | quant. min |"
+    lines = [head, "|---" * (len(COLUMNS) + 3) + "|"]
+    for m in METHODS:
+        g = fp if m == "fp" else d[(d.method == m) & (d.bits == bits)]
+        if g.empty:
+            continue
+        vals = [cell(g[c].tolist(), s, dec) if c in g else "-" for c, _, s, dec in COLUMNS]
+        units = int(g.units.sum())
+        unconv = f"{int(g.unconverged.sum())} of {units}" if units else "-"
+        qmin = "-" if m == "fp" else f"{g.quant_seconds.mean() / 60:.1f}"
+        seeds = f" ({len(g)} seed{'s' if len(g) != 1 else ''})" if len(g) < 3 else ""
+        lines.append(f"| {NAMES.get(m, m)}{seeds} | " + " | ".join(vals) + f" | {unconv} | {qmin} |")
+    return lines + [""]
+
+
+def paired_lines(d: pd.DataFrame, bits: str) -> list[str]:
+    others = [b for b in BASELINES + ABLATIONS if not d[(d.method == b) & (d.bits == bits)].empty]
+    if d[(d.method == "eda-dm") & (d.bits == bits)].empty or not others:
+        return []
+    lines = [f"EDA-DM minus each other method at {bits}, paired by seed (negative: EDA-DM lower, i.e. better):", "",
+             "| other method | " + " | ".join(h for _, h in PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
+    for b in others:
+        lines.append(f"| {NAMES[b]} | " + " | ".join(verdict_cell(judge(d, "eda-dm", b, bits, m), m)
+                                                    for m, _ in PAIRED) + " |")
+    return lines + [""]
+
+
+def findings(d: pd.DataFrame, model: str) -> list[str]:
+    """The discussion, generated: per setting, against each baseline and each ablation, which metrics separate."""
+    out = []
+    for bits in SETTINGS:
+        if d[(d.method == "eda-dm") & (d.bits == bits)].empty:
+            continue
+        parts = []
+        for b in BASELINES + ABLATIONS:
+            if d[(d.method == b) & (d.bits == bits)].empty:
+                continue
+            vs = {m: judge(d, "eda-dm", b, bits, m) for m, _ in PAIRED}
+            kinds = {v[0] for v in vs.values()}
+            label = dict(PAIRED)
+            if kinds & {"unconverged"}:
+                bad = [x for x in ("eda-dm", b) if not converged(d, x, bits)]
+                parts.append(f"against {NAMES[b]}: not judged ({' and '.join(NAMES[x] for x in bad)} had unconverged "
+                             "units)")
+                continue
+            if kinds <= {"one seed", "missing"}:
+                parts.append(f"against {NAMES[b]}: one seed only, not judged")
+                continue
+            said = []
+            for kind, word in (("better", "lower"), ("worse", "higher"), ("tie", "no difference")):
+                ms = [f"{label[m]} {fmt_diff(m, v[1], v[2])}" for m, v in vs.items() if v[0] == kind]
+                if ms:
+                    said.append(f"{word} on {', '.join(ms)}" if kind != "tie" else f"no difference on {', '.join(ms)}")
+            what = " (ablation)" if b in ABLATIONS else ""
+            parts.append(f"against {NAMES[b]}{what}: " + "; ".join(said))
+        if parts:
+            n = int(d[(d.method == "eda-dm") & (d.bits == bits)].seed.nunique())
+            out.append(f"- **{bits}** (EDA-DM minus the other, {n} paired seeds): " + ". ".join(
+                p[0].upper() + p[1:] for p in parts) + ".")
+    return out
+
+
+def ranking_lines(ok: pd.DataFrame) -> list[str]:
+    """Does the ranking hold beyond one network? Mean FID vs FP per method and setting, ordered, per model."""
+    lines = []
+    for bits in SETTINGS:
+        orders = {}
+        for model in MODELS:
+            d = ok[(ok.model == model) & (ok.bits == bits) & ok.method.isin(BASELINES + ["eda-dm"])]
+            means = d.groupby("method").fid_vs_fp.mean().sort_values()
+            if len(means) == len(BASELINES) + 1:
+                orders[model] = list(means.index)
+        if len(orders) == len(MODELS):
+            same = len({tuple(o) for o in orders.values()}) == 1
+            desc = "; ".join(f"{m}: {' < '.join(NAMES[x] for x in o)}" for m, o in orders.items())
+            lines.append(f"- {bits}, methods ordered by mean FID vs FP (best first): {desc}. "
+                         + ("The same order on both models." if same else "The order differs between the models."))
+    return lines
+
+
+def budget_lines(d: pd.DataFrame) -> list[str]:
+    """Iterations each reconstructing method actually ran per unit (from the recorded loss summaries)."""
+    lines = ["| method | setting | calibration samples | iterations per unit (cap) | run per unit: min / median / max "
+             "| unconverged units | quant. min (mean) |", "|---|---|---|---|---|---|---|"]
+    for m in METHODS[1:]:
+        for bits in SETTINGS:
+            g = d[(d.method == m) & (d.bits == bits)]
+            if g.empty:
+                continue
+            units = [u for _, r in g.iterrows() for u in unit_losses(info_of(r))]
+            calib = ", ".join(str(int(c)) for c in sorted(g.calib_size.dropna().unique())) or "-"
+            if not units:
+                lines.append(f"| {NAMES[m]} | {bits} | {calib} | no reconstruction | - | - | "
+                             f"{g.quant_seconds.mean() / 60:.1f} |")
+                continue
+            caps = " + ".join(f"{st} {max(u['budget'] for u in units if u['stage'] == st)}"
+                              for st in dict.fromkeys(u["stage"] for u in units))
+            it = np.array([u["iters"] for u in units])
+            bad = sum(not u.get("plateaued") for u in units)
+            lines.append(f"| {NAMES[m]} | {bits} | {calib} | {caps} | {it.min()} / {int(np.median(it))} / {it.max()} "
+                         f"| {bad} of {len(units)} | {g.quant_seconds.mean() / 60:.1f} |")
+    return lines + [""]
+
+
+def loss_curve_plot(d: pd.DataFrame, model: str, bits: str, out: Path) -> Path | None:
+    """One cell per reconstructing method (the lowest seed): every unit's loss curve (window means, divided by the
+    first), x = iteration; plateaued units solid, unconverged dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = []
+    for m in ["eda-dm", "qdiffusion", *ABLATIONS, "ptq4dm"]:
+        g = d[(d.method == m) & (d.bits == bits)].sort_values("seed")
+        if not g.empty and unit_losses(info_of(g.iloc[0])):
+            picks.append((m, g.iloc[0]))
+    if not picks:
+        return None
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.6 * len(picks), 3.0), squeeze=False, sharey=True)
+    for ax, (m, r) in zip(axes[0], picks):
+        units = unit_losses(info_of(r))
+        for u in units:
+            c = [v for v in (u.get("curve") or []) if v is not None]
+            if len(c) < 2 or not c[0]:
+                continue
+            x = np.linspace(u["iters"] / len(c), u["iters"], len(c))
+            ax.plot(x, np.asarray(c) / c[0], lw=0.8, alpha=0.7, ls="-" if u.get("plateaued") else "--")
+        bad = sum(not u.get("plateaued") for u in units)
+        ax.set_title(f"{NAMES[m]} (seed {r.seed}): {bad}/{len(units)} unconverged", fontsize=8)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("loss / first window", fontsize=8)
+    fig.suptitle(f"{model} {bits}: reconstruction loss per unit (dashed: no plateau)", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def tdac_plot(d: pd.DataFrame, model: str, out: Path) -> str | None:
     from eda.tdac import plot_allocation
 
-    rows = df[(df.method == "eda-dm") & (df.seed == df.seed.min())]
-    for r in rows.itertuples():
-        info = json.loads(r.info)
+    rows = d[d.method == "eda-dm"].sort_values(["bits", "seed"])
+    for _, r in rows.iterrows():
+        info = info_of(r)
         tdac, alloc = info_value(info, "tdac"), info.get("allocation")
         if isinstance(alloc, str):
             alloc = json.loads(alloc)
         if tdac and alloc:
-            plot_allocation(tdac, alloc, str(out), title=f"TDAC on digits-ddpm: N = {sum(alloc)}, seed {r.seed}, "
-                                                          f"r = 3.0, lambda = 1.2")
-            return f"{sum(alloc)} samples over {len(alloc)} steps, n_t from {min(alloc)} to {max(alloc)}; " \
-                   f"{tdac.get('dense_fraction', float('nan')):.0%} of step pairs within the radius"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            plot_allocation(tdac, alloc, str(out), title=f"TDAC on {model}: N = {sum(alloc)}, seed {r.seed}")
+            return (f"{sum(alloc)} samples over {len(alloc)} steps, n_t from {min(alloc)} to {max(alloc)} "
+                    f"(uniform would be {sum(alloc) / len(alloc):.1f})")
     return None
 
 
-def provenance_lines(ok) -> list[str]:
-    """Which commits the rows come from, and whether they predate the method-fidelity fixes (results/fidelity.md):
-    a page that mixes commits says so instead of showing one."""
-    from bench.studies.fidelity import FIXES
-
-    counts = ok.git_commit.fillna("?").astype(str).value_counts()
-    listed = ", ".join(f"{c[:12]}{'-dirty' if c.endswith('-dirty') else ''} ({n} cells)" for c, n in counts.items())
-    lines = [f"Rows from {len(counts)} commit(s): {listed}.", ""]
-    last_fix = FIXES[-1][0]
-    stale = [c for c in counts.index if not _contains(c.removesuffix("-dirty"), last_fix)]
-    if stale:
-        lines += [f"**These rows predate the method-fidelity fixes** ({len(stale)} of {len(counts)} commits do not "
-                  f"contain fix {last_fix}; see results/fidelity.md and docs/fidelity.md). They are kept as the record "
-                  "of what was measured then; read no ranking from them until the grid is rerun from one clean "
-                  "commit.", ""]
-    return lines
+def load_rows(runs: Path | None) -> pd.DataFrame:
+    if runs is not None:
+        df = read_runs(runs, grid=GRID)
+        if df.empty:
+            raise SystemExit(f"error: no rows of grid {GRID!r} under {runs}; run `python -m bench.run --grid digits "
+                             "--out DIR` and pass --runs DIR/runs")
+        return df
+    path = HERE / "digits-study.parquet"
+    if not path.is_file():
+        raise SystemExit("error: no committed rows at results/digits-study.parquet; pass --runs DIR/runs")
+    return read_file(path)
 
 
-def _contains(commit: str, ancestor: str) -> bool:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, commit], cwd=HERE,
-                              capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m bench.studies.digits", description=__doc__.splitlines()[0]).parse_args(argv)
-    df = read_runs(runs_dir(HERE), grid="digits")
-    if df.empty and (HERE / "digits-study.parquet").is_file():  # re-render from the committed rows
-        df = read_file(HERE / "digits-study.parquet")
-    elif not df.empty:
-        write_file(df, HERE / "digits-study.parquet")
-    if df.empty:
-        print("no digits rows in results/runs; run `python -m bench.run --grid digits` first", file=sys.stderr)
-        return 1
-    ok = df[df.status == "ok"].copy()
-    settings = [b for b in bits_order(ok.bits) if b != "FP"]
-    fp = ok[ok.method == "fp"]
+def render(df: pd.DataFrame, allow_mixed: bool, out_dir: Path = HERE) -> str:
+    planned = planned_cells()
+    keys = {c.key for c in planned}
+    foreign = df[~df.cell_key.isin(keys)]  # rows of another configuration than bench/grids/digits.toml
+    df = df[df.cell_key.isin(keys)]
+    ok = with_convergence(df[df.status == "ok"])
+    failed = df[df.status != "ok"]
+    if ok.empty:
+        raise UsageError(f"none of the {len(foreign)} rows has the configuration of bench/grids/digits.toml (cell keys "
+                         "differ: other samples, budgets or knobs); run `python -m bench.run --grid digits` as is")
+    source = require_one_commit(ok, "digits study", allow_mixed)
+    require_one_configuration(ok, "digits study")
     seeds = sorted(ok.seed.unique())
-    lines = ["# Digits study: EDA-DM against its baselines on digits-ddpm", "",
-             f"{len(ok)} cells ok, {int((df.status != 'ok').sum())} failed · seeds {', '.join(map(str, seeds))} · "
-             f"{int(ok.samples.iloc[0])} samples per cell · "
-             "regenerate: `python -m bench.run --grid digits && python -m bench.studies.digits`", "",
-             *provenance_lines(ok),
-             "Each entry is the mean over seeds ± the 95% Student-t half-width (n = 3 seeds: t = 4.30, so intervals "
-             "are wide). FID/KID use Inception features against the 360 held-out digits; *vs FP* compares with the FP "
-             "model's samples from the same seed and the same initial noise; digits-FID uses the small digits "
-             "classifier (bench/metrics/classifier.py). Quantization time is wall time of one worker on a shared 2-core "
-             "CPU.", ""]
-    for bits in settings:
-        lines += [f"## {bits}", "", "| method | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
-                  "|---" * (len(COLUMNS) + 1) + "|"]
-        for m in METHODS:
-            d = fp if m == "fp" else ok[(ok.method == m) & (ok.bits == bits)]
-            if d.empty:
-                continue
-            vals = [cell(d[c].tolist(), s, dec) if c in d else "-" for c, _, s, dec in COLUMNS]
-            lines.append(f"| {m} | " + " | ".join(vals) + " |")
-        lines.append("")
-    planned = [(m, b) for m in METHODS[1:] for b in settings]
-    short = [f"{m} {b} ({int(((ok.method == m) & (ok.bits == b)).sum())}/{len(seeds)} seeds)" for m, b in planned
-             if ((ok.method == m) & (ok.bits == b)).sum() < len(seeds)]
-    if short:
-        lines += ["**Not yet run** (the grid was stopped there; `python -m bench.run --grid digits` resumes and "
-                  "runs only these): " + ", ".join(short) + ".", ""]
-    lines += ["## EDA-DM minus each baseline, paired by seed", "",
-              "Negative = EDA-DM better (lower). An interval that contains 0 is no evidence either way.", ""]
-    for bits in settings:
-        lines += [f"**{bits}**", "", "| baseline | " + " | ".join(PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
-        for b in ["rtn", "ptq4dm", "qdiffusion", "eda-dm:tdac-only", "eda-dm:fbr-only"]:
-            if ok[(ok.method == b) & (ok.bits == bits)].empty:
-                continue
-            lines.append(f"| {b} | " + " | ".join(verdict(*paired(ok, "eda-dm", b, bits, m)[:2]) for m in PAIRED)
-                         + " |")
-        lines.append("")
-    lines += ["## Iteration budgets (as run)", "",
-              "Every method ran 1% of its own official iteration count (`iters_scale = 0.01`, the same fraction for "
-              "all) with 256 calibration samples (`n_samples = 256`; official 1024; Q-Diffusion draws its "
-              "cali_n x cali_st set from the same 256 trajectories).", "",
-              "| method | reconstruction per unit | quant. s (W4A8, mean) |", "|---|---|---|"]
-    for m in METHODS[1:]:
-        d = ok[(ok.method == m) & (ok.bits == "W4A8")]
+    samples = sorted(int(s) for s in ok.samples.dropna().unique())
+    lines = ["# Digits study: EDA-DM against its baselines on two digits models", "",
+             f"Rows from {source} · {len(ok)} cells · seeds {', '.join(map(str, seeds))} · "
+             f"{' / '.join(map(str, samples))} samples per cell · regenerate: `python -m bench.run --grid digits "
+             "--out DIR && python -m bench.studies.digits --runs DIR/runs`", "",
+             *progress_lines(ok, failed, planned),
+             *([f"{len(foreign)} rows of another configuration (other samples, budgets or knobs than "
+                "bench/grids/digits.toml) are left out.", ""] if len(foreign) else []),
+             "Each entry is the mean over seeds ± the 95% Student-t half-width (3 seeds: t = 4.30). FID and KID use "
+             "Inception features against the 360 held-out digits; *vs FP* compares with the FP model's samples from "
+             "the same seed and initial noise; digits-FID uses the small digits classifier "
+             "(bench/metrics/classifier.py); eps MSE is the noise prediction's error against FP on held-out noise. "
+             "Budgets as set in bench/grids/digits.toml and as run are in the last section. Quantization time is one "
+             "worker (one thread) on a shared 2-core CPU.", ""]
+    for model in MODELS:
+        d = ok[ok.model == model]
         if d.empty:
             continue
-        info = json.loads(d["info"].iloc[0])
-        lines.append(f"| {m} | {budget(info)} | {d.quant_seconds.mean():.0f} |")
-    plot = HERE / "plots" / "digits-study-tdac.png"
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    desc = tdac_plot(ok, plot)
-    if desc:
-        lines += ["", "## TDAC allocation", "", f"![TDAC allocation](plots/{plot.name})", "", desc + ".", ""]
-    if DISCUSSION.strip():
-        lines += ["## What this shows", "", DISCUSSION]
-    (HERE / "digits-study.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {HERE / 'digits-study.md'}, {HERE / 'digits-study.parquet'} ({len(df)} rows)")
+        lines += [f"## {model}", ""]
+        for bits in SETTINGS:
+            if d[d.bits == bits].empty:
+                continue
+            lines += [f"### {bits}", "", *table_lines(d, bits), *paired_lines(d, bits)]
+        found = findings(d, model)
+        if found:
+            lines += [f"### What the {model} rows show", "",
+                      "Generated from the paired intervals above: *lower/higher* means the 95% interval of EDA-DM "
+                      "minus the other method lies below/above 0; *no difference* means it contains 0.", "", *found, ""]
+        plots = out_dir / "plots"
+        for bits in ("W4A8", "W3A8"):
+            p = loss_curve_plot(d, model, bits, plots / f"digits-study-{model}-{bits}-loss.png")
+            if p:
+                lines += [f"![{model} {bits} loss curves](plots/{p.name})", ""]
+        desc = tdac_plot(d, model, plots / f"digits-study-{model}-tdac.png")
+        if desc:
+            lines += [f"![TDAC allocation on {model}](plots/digits-study-{model}-tdac.png)", "",
+                      f"TDAC on {model}: {desc}.", ""]
+    rank = ranking_lines(ok)
+    if rank:
+        lines += ["## Does the ranking hold beyond one network?", "", *rank, ""]
+    lines += ["## Budgets as run", "",
+              "Reconstruction under `budget = \"converged\"` stops a unit once its loss has plateaued "
+              "(eda.convergence: the second half of the curve brought under 10% of its decrease), capped by the "
+              "official count; Q-Diffusion runs a fixed 10% of its official count because its AdaRound temperature "
+              "schedule spans the whole budget (bench/grids/digits.toml).", ""]
+    for model in MODELS:
+        d = ok[ok.model == model]
+        if not d.empty:
+            lines += [f"**{model}**", "", *budget_lines(d)]
+    return "\n".join(lines) + "\n"
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.studies.digits", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=Path, default=None,
+                    help="a results store (DIR/runs of `bench.run --grid digits --out DIR`); its rows replace "
+                         "results/digits-study.parquet. Default: re-render from that file")
+    ap.add_argument("--allow-mixed", action="store_true",
+                    help="render rows of several commits (or a dirty tree) together, every commit listed")
+    args = ap.parse_args(argv)
+    df = load_rows(args.runs)
+    text = render(df, args.allow_mixed)
+    if args.runs is not None:
+        write_file(df, HERE / "digits-study.parquet")
+    (HERE / "digits-study.md").write_text(text)
+    print(f"wrote {HERE / 'digits-study.md'} ({len(df)} rows)")
     return 0
 
 

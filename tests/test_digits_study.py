@@ -1,0 +1,97 @@
+"""bench.studies.digits: the study page is computed from its rows: paired verdicts, no conclusion from unconverged
+cells, one clean commit, and the progress of the grid."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from bench.harness.store import empty_row
+from bench.studies import digits as study
+
+
+def _info(units: int, unconverged: int, iters: int = 500) -> str:
+    recon = [{"stage": "fbr", "config": {"iters": 5000, "batch_size": 32}, "units": {
+        f"u{i}": {"loss": {"iters": iters, "budget": 5000, "window": 250, "first": 1.0, "last": 0.2, "best": 0.2,
+                           "plateaued": i >= unconverged, "curve": [1.0, 0.5, 0.3, 0.25, 0.2]}}
+        for i in range(units)}}]
+    return json.dumps({"recon": recon, "allocation": None})
+
+
+def _key(model, method, bits, seed) -> str:
+    """The cell key bench.run gives this cell of bench/grids/digits.toml."""
+    return next(c.key for c in study.planned_cells()
+                if (c.model, c.method, c.bits, c.seed) == (model, method, bits, seed))
+
+
+def _rows(commit="a" * 40, qdiff_unconverged=0, eda_fid=(10.0, 11.0, 12.0)):
+    rows = []
+    # fid per (method, seed): EDA-DM clearly below RTN on every seed; Q-Diffusion within noise of EDA-DM
+    fid = {"rtn": (20.0, 21.5, 23.0), "ptq4dm": (30.0, 31.0, 29.0), "qdiffusion": (9.0, 13.0, 11.5),
+           "eda-dm": eda_fid, "eda-dm:tdac-only": (10.5, 11.2, 12.1), "eda-dm:fbr-only": (15.0, 16.0, 17.5)}
+    for model in study.MODELS:
+        for seed in range(3):
+            r = empty_row()
+            r.update(grid="digits", model=model, method="fp", bits="FP", w_bits=32, a_bits=32, seed=seed,
+                     samples=512, status="ok", error="", cell_key=_key(model, "fp", "FP", seed), run_id="r", git_commit=commit,
+                     fid=5.0 + seed, fid_vs_fp=0.0, eps_mse=0.0, quant_seconds=0.0, info="{}",
+                     time=pd.Timestamp.now(tz="UTC"))
+            rows.append(r)
+            for m, v in fid.items():
+                r = empty_row()
+                units = 0 if m in ("rtn", "ptq4dm") else 4
+                bad = qdiff_unconverged if m == "qdiffusion" else 0
+                r.update(grid="digits", model=model, method=m, bits="W4A8", w_bits=4, a_bits=8, seed=seed, samples=512,
+                         status="ok", error="", cell_key=_key(model, m, "W4A8", seed), run_id="r", git_commit=commit,
+                         fid=v[seed], fid_vs_fp=v[seed] - 4, eps_mse=v[seed] * 1e-3, quant_seconds=60.0,
+                         calib_size=1024, info=_info(units, bad) if units else "{}", time=pd.Timestamp.now(tz="UTC"))
+                rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def test_page_is_generated_from_the_paired_intervals(tmp_path):
+    text = study.render(_rows(), allow_mixed=False, out_dir=tmp_path)
+    assert "Rows from commit aaaaaaaaaaaa" in text
+    ddpm = text.split("## digits-ddpm")[1].split("## digits-cosine")[0]
+    shows = ddpm.split("### What the digits-ddpm rows show")[1]
+    w4 = next(ln for ln in shows.splitlines() if ln.startswith("- **W4A8**"))
+    # EDA-DM minus RTN on FID: -10.5 each seed -> lower; minus Q-Diffusion: +1, -2, +0.5 -> no difference
+    assert "Against RTN: lower on FID -10.50 ± 1.24" in w4
+    assert "Against Q-Diffusion: no difference on FID" in w4
+    assert "Against FBR only (ablation): lower on FID -5.17 ± 0.72" in w4
+    # the table and the loss-curve plot of each reconstructing method
+    assert "| EDA-DM | " in ddpm and "0 of 12" in ddpm
+    assert (tmp_path / "plots" / "digits-study-digits-ddpm-W4A8-loss.png").is_file()
+    assert "The same order on both models." in text
+    assert "of 114 planned cells done" in text and "**Not yet run**" in text  # W3A8/W8A8 cells missing
+
+
+def test_no_conclusion_from_unconverged_cells(tmp_path):
+    text = study.render(_rows(qdiff_unconverged=1), allow_mixed=False, out_dir=tmp_path)
+    shows = text.split("### What the digits-ddpm rows show")[1]
+    w4 = next(ln for ln in shows.splitlines() if ln.startswith("- **W4A8**"))
+    assert "Against Q-Diffusion: not judged (Q-Diffusion had unconverged units)" in w4
+    assert "(not judged: unconverged units)" in text  # the paired table says so too
+    assert "| Q-Diffusion | " in text and "3 of 12" in text  # one unit on each of 3 seeds
+
+
+def test_page_refuses_rows_of_several_commits_unless_told(tmp_path):
+    df = _rows()
+    df.loc[df.index[:5], "git_commit"] = "b" * 40 + "-dirty"
+    with pytest.raises(Exception, match="several commits.*allow-mixed"):
+        study.render(df, allow_mixed=False, out_dir=tmp_path)
+    text = study.render(df, allow_mixed=True, out_dir=tmp_path)
+    assert "mixed commits" in text and "bbbbbbbbbbbb-dirty (5 cells)" in text
+
+
+def test_rows_of_another_configuration_are_left_out(tmp_path):
+    """A cell run with other settings (here: another cell key, as --samples 32 gives) neither counts as done nor
+    enters a table."""
+    df = _rows()
+    sel = (df.method == "rtn") & (df.model == "digits-ddpm")
+    df.loc[sel, "cell_key"] = df.loc[sel, "cell_key"] + "-other"
+    text = study.render(df, allow_mixed=False, out_dir=tmp_path)
+    assert "3 rows of another configuration" in text and "digits-ddpm RTN W4A8 (seeds 0, 1, 2)" in text
+    assert "| RTN | " not in text.split("## digits-ddpm")[1].split("## digits-cosine")[0]
+    with pytest.raises(Exception, match="none of the"):
+        study.render(df[sel], allow_mixed=False, out_dir=tmp_path)
