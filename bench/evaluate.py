@@ -27,6 +27,7 @@ from bench.metrics.score import evaluate
 from bench.models.sampling import SKIP_TYPES, SamplerConfig, timesteps
 from bench.studies.model_card import save_grid, write_card
 from bench.harness.devices import HELP as DEVICE_HELP, resolve_device
+from bench.metrics.names import FID_MODES
 
 
 def sample_images(model, n: int, seed: int = 0, sampler: SamplerConfig | None = None, batch_size: int = 256,
@@ -78,6 +79,13 @@ def main(argv=None):
     p.add_argument("--reference-dir", help="folder of reference images (datasets other than digits)")
     p.add_argument("--extractor", default="fid-helper", choices=("fid-helper", "clean-fid"),
                    help="Inception weights: fid-helper (offline, default) or clean-fid's own file")
+    p.add_argument("--fid-mode", default="clean", choices=FID_MODES,
+                   help="clean-fid's FID pipeline: clean (default; PIL bicubic resize), legacy_tensorflow (TF1 "
+                        "bilinear resize, as the TF FID code), legacy_pytorch (pytorch-fid's network and resize; needs "
+                        "its weights in torch's hub cache)")
+    p.add_argument("--reference-stats", type=Path,
+                   help="precomputed reference statistics (.npz: clean-fid's mu/sigma or an ADM reference batch) "
+                        "instead of reference images; KID and precision/recall need images and are NaN with it")
     p.add_argument("--device", default="auto", type=resolve_device, help=f"torch device: {DEVICE_HELP}")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--out", type=Path, help="write a PNG grid of the samples here")
@@ -95,7 +103,8 @@ def main(argv=None):
     model, unet, what = load_for_sampling(args.model, device=args.device, seed=args.seed)
     split = args.split or reference_split(model)
     # before sampling, which takes minutes to hours: a missing reference set or network fails in milliseconds
-    ok, why = reference_available(model.dataset, split, metrics, args.reference_dir, args.extractor)
+    ok, why = reference_available(model.dataset, split, metrics, args.reference_dir, args.extractor,
+                                  mode=args.fid_mode, stats_file=args.reference_stats)
     if not ok:
         raise BenchError(why)
     cfg = _sampler(args, model)
@@ -106,10 +115,11 @@ def main(argv=None):
     if args.out:
         print(f"wrote {save_grid(images, args.out)}")
     kw = {"split": split, "reference_dir": args.reference_dir, "extractor": args.extractor,
-          "device": args.device, "seed": args.seed}
-    result = evaluate(images, model.dataset, metrics, **kw)
-    ref_split = default_split(model.dataset, split)
-    print(f"metrics vs {model.dataset}/{ref_split} ({args.n} samples):\n{format_metrics(result)}")
+          "device": args.device, "seed": args.seed, "mode": args.fid_mode}
+    described: dict = {}
+    result = evaluate(images, model.dataset, metrics, stats_file=args.reference_stats, described=described, **kw)
+    ref = described.get("reference") or f"{model.dataset}/{default_split(model.dataset, split)}"
+    print(f"metrics vs {ref} ({args.n} samples):\n{format_metrics(result)}")
     if args.card:
         if model.dataset != "digits":
             raise UsageError("--card needs a digits model (the floor is the held-out digits split vs the train split)")

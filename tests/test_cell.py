@@ -103,3 +103,36 @@ def test_mse_vs_fp_is_a_paired_geometric_mean():
     one_bad[0] *= 10  # one diverged trajectory out of 32: x100 on its own error
     assert mse_vs_fp(fp + one_bad, fp) == pytest.approx(v * 100 ** (1 / 32), rel=1e-4)
     assert mse_vs_fp(fp + err, fp.roll(1, 0)) > 10 * v  # paired: against another sample's FP image it is large
+
+
+def test_a_cell_evaluates_with_its_fid_mode_and_statistics_and_records_them(tmp_path, monkeypatch):
+    """The grid's fid_mode and reference_stats reach the evaluation and the row's `reference` names them; a missing
+    statistics file is caught before sampling."""
+    import types
+
+    import numpy as np
+    import pytest
+    import torch
+
+    from bench.errors import BenchError
+    from bench.harness.cell import evaluate_cell, require_reference
+
+    monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
+    stats = tmp_path / "ref.npz"
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2048, 64))
+    np.savez(stats, mu=rng.normal(size=2048), sigma=a @ a.T / 64)
+    model = types.SimpleNamespace(dataset="synthetic", defaults={})
+    cell = Cell("g", "m", "rtn", "W4A8", 0, 4, metrics=("fid",), fid_mode="legacy_tensorflow",
+                reference_stats=str(stats))
+    assert cell.key != Cell("g", "m", "rtn", "W4A8", 0, 4, metrics=("fid",)).key  # another configuration
+    require_reference(model, cell)
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    described: dict = {}
+    scores = evaluate_cell(images, images, model, cell, "cpu", described)
+    assert np.isfinite(scores["fid"])
+    assert described["reference"].startswith("synthetic/train, precomputed ref.npz, stats ")
+    assert described["reference"].endswith("mode legacy_tensorflow")
+    missing = Cell("g", "m", "rtn", "W4A8", 0, 4, metrics=("fid",), reference_stats=str(tmp_path / "nope.npz"))
+    with pytest.raises(BenchError, match="no reference statistics file"):
+        require_reference(model, missing)

@@ -190,3 +190,18 @@ def test_resources_are_per_model_not_defaults(tmp_path):
     p.write_text(GRID + '[[model]]\nname = "other"\nmethods = ["fp"]\nresources = { cpus = 2 }\n')
     with pytest.raises(UsageError, match="model 'other' is in several .* different resources"):
         load_grid(str(p))
+
+
+def test_fid_mode_and_reference_stats_in_a_grid(tmp_path):
+    """Both are per-model settings that enter the cell key only when set (cells without them keep their keys), and
+    a relative statistics path is read from the grid file's folder."""
+    base = 'name = "g"\n[defaults]\nmethods = ["rtn"]\nbits = ["W8A8"]\nseeds = [0]\nsamples = 4\n[[model]]\nname = "m"\n'
+    (tmp_path / "a.toml").write_text(base)
+    (tmp_path / "b.toml").write_text(base + 'fid_mode = "legacy_tensorflow"\nreference_stats = "s/c10.npz"\n')
+    (tmp_path / "c.toml").write_text(base + 'fid_mode = "tf"\n')
+    a, b = load_grid(str(tmp_path / "a.toml")).cells()[0], load_grid(str(tmp_path / "b.toml")).cells()[0]
+    assert a.fid_mode == "clean" and a.reference_stats is None
+    assert b.fid_mode == "legacy_tensorflow" and b.reference_stats == str((tmp_path / "s" / "c10.npz").resolve())
+    assert a.key != b.key and a.key == Cell("g", "m", "rtn", "W8A8", 0, 4).key
+    with pytest.raises(UsageError, match="fid_mode 'tf'; expected one of clean, legacy_tensorflow, legacy_pytorch"):
+        load_grid(str(tmp_path / "c.toml"))

@@ -170,7 +170,8 @@ def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
     return grid_png(images[:n])
 
 
-def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str, float]:
+def evaluate_cell(images, fp_images, model, cell: Cell, device: str, described: dict | None = None
+                  ) -> dict[str, float]:
     """bench.metrics.score.evaluate on the cell's metrics. The distances to FP samples are computed only when the grid
     asks for them: fid_vs_fp needs Inception features of both sample sets (minutes on CPU), digits_fid_vs_fp only
     the digits classifier's. For the FP cell both are 0 by definition."""
@@ -183,7 +184,8 @@ def evaluate_cell(images, fp_images, model, cell: Cell, device: str) -> dict[str
     scores = {}
     if wanted or vs_fp:
         scores = evaluate(images, dataset, metrics=wanted, fp_images=fp_images if vs_fp else None, device=device,
-                          split=reference_split(model), progress=False)
+                          split=reference_split(model), progress=False, mode=cell.fid_mode,
+                          stats_file=cell.reference_stats, described=described)
         if "digits_fid_vs_fp" not in cell.metrics:
             scores.pop("digits_fid_vs_fp", None)
     if "digits_fid_vs_fp" in cell.metrics and not is_fp and "digits_fid_vs_fp" not in scores:
@@ -221,7 +223,8 @@ def require_reference(model, cell: Cell) -> None:
 
         weights_path("fid-helper")  # the Inception network, no reference set
     if wanted:
-        ok, why = reference_available(model.dataset, split=reference_split(model), metrics=wanted)
+        ok, why = reference_available(model.dataset, split=reference_split(model), metrics=wanted, mode=cell.fid_mode,
+                                      stats_file=cell.reference_stats)
         if not ok:
             raise BenchError(why)
 
@@ -302,7 +305,9 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
     row["mse_vs_fp"] = mse_vs_fp(images, fp_images)  # 0 for the FP cell: its images are the FP samples
     t = time.time()
     if cell.metrics:
-        scores = evaluate_cell(images, fp_images, model, cell, device)
+        described: dict = {}
+        scores = evaluate_cell(images, fp_images, model, cell, device, described)
+        row["reference"] = described.get("reference")  # which reference set, extractor and FID mode
         for k, v in scores.items():
             if k in METRICS:
                 row[k] = float(v)

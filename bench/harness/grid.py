@@ -12,6 +12,9 @@ Layout of a grid file (see bench/grids/smoke.toml for a commented example):
     name = "digits-ddpm"; sampler = { kind = "ddim", steps = 100, eta = 0.0, skip = "quad" }
     resources = { gpus = 1, cpus = 8, memory = "40GiB" }   # optional: what each actor running this model asks
                           # Ray for (wins over the grid's [resources]; --gpus/cpus-per-worker win over both)
+    fid_mode = "legacy_tensorflow"           # optional: clean-fid's FID pipeline (default "clean")
+    reference_stats = "stats/cifar10.npz"    # optional: precomputed statistics (clean-fid / ADM .npz), relative
+                          # to the grid file
 
 The FP method has no bit width: it expands to one cell per (model, seed) labelled "FP" (W32A32 in the store).
 """
@@ -26,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UsageError
+from bench.metrics.names import FID_MODES  # torch-free
 from eda.policy import parse_bits  # torch-free
 
 GRIDS_DIR = Path(__file__).resolve().parents[1] / "grids"  # bench/grids
 FP_METHOD = "fp"
 FP_BITS = "FP"
-_DEFAULT_KEYS = {"methods", "bits", "seeds", "samples", "metrics", "sampler", "batch_size", "calib"}
+_DEFAULT_KEYS = {"methods", "bits", "seeds", "samples", "metrics", "sampler", "batch_size", "calib", "fid_mode",
+                 "reference_stats"}
 _BLOCK_KEYS = _DEFAULT_KEYS | {"resources"}  # resources are per model: [defaults] has the grid's [resources]
 _RESOURCE_KEYS = ("gpus", "cpus", "memory")
 _MEMORY_UNITS = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
@@ -43,6 +48,9 @@ def cell_bits(bits: str) -> tuple[int, int]:
     """(weight, activation) bits of a cell's setting: 'FP' -> (32, 32), else eda.policy.parse_bits
     ('W4A8' -> (4, 8))."""
     return (32, 32) if bits == FP_BITS else parse_bits(bits)
+
+
+KEY_DEFAULTS = {"fid_mode": "clean", "reference_stats": None}  # Cell fields hashed only when set otherwise
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,10 @@ class Cell:
     metrics: tuple[str, ...] = ()
     overrides: dict = field(default_factory=dict)
     batch_size: int = 256
+    # FID pipeline (bench.metrics.inception.MODES) and precomputed reference statistics (a clean-fid / ADM .npz);
+    # left out of the key at their defaults, so cells defined before they existed keep their keys
+    fid_mode: str = "clean"
+    reference_stats: str | None = None
 
     @property
     def w_bits(self) -> int:
@@ -73,6 +85,9 @@ class Cell:
         """Content hash of everything that changes the result (not the grid name): resume and check match on it."""
         d = asdict(self)
         d.pop("grid")  # batch_size stays: it changes results at float-noise level (tests/test_determinism.py)
+        for k, default in KEY_DEFAULTS.items():
+            if d.get(k) == default:
+                d.pop(k)
         blob = json.dumps(d, sort_keys=True, default=list)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -117,7 +132,9 @@ class Grid:
                         out.append(Cell(grid=self.name, model=block["name"], method=method, bits=bits,
                                         seed=int(seed), samples=int(block["samples"]), sampler=block.get("sampler"),
                                         metrics=tuple(block["metrics"]), overrides=ovr,
-                                        batch_size=int(block["batch_size"])))
+                                        batch_size=int(block["batch_size"]),
+                                        fid_mode=block.get("fid_mode", "clean"),
+                                        reference_stats=block.get("reference_stats")))
         return out
 
     def model_names(self) -> list[str]:
@@ -172,6 +189,12 @@ def load_grid(name_or_path: str) -> Grid:
         for bits in m["bits"]:
             cell_bits(bits)
         _check_seeds(path, m["seeds"])
+        if m.get("fid_mode", "clean") not in FID_MODES:
+            raise UsageError(f"{path}: model {b['name']!r} has fid_mode {m['fid_mode']!r}; expected one of "
+                             f"{', '.join(FID_MODES)}")
+        if m.get("reference_stats") is not None:
+            stats = Path(m["reference_stats"]).expanduser()
+            m["reference_stats"] = str(stats if stats.is_absolute() else (path.parent / stats).resolve())
         if "resources" in b:
             m["resources"] = block_resources(path, b["name"], b["resources"])
         models.append(m)

@@ -107,7 +107,8 @@ def reference_status(cell: Cell) -> tuple[bool, str]:
     if ref is None or not wanted:
         return True, ""
     dataset, split = ref
-    return reference_available(dataset, split=split, metrics=wanted)
+    return reference_available(dataset, split=split, metrics=wanted, mode=cell.fid_mode,
+                               stats_file=cell.reference_stats)
 
 
 def default_sampler(name: str) -> str:

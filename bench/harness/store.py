@@ -50,6 +50,9 @@ FILE_SCHEMA = pa.schema(
         ("samples", pa.int32()),
         ("batch_size", pa.int32()),  # sampling / evaluation batch: results move with it at float-noise level
         ("calib_size", pa.int32()),
+        # the FID reference: "digits/test, 360 images, stats <sha1>, extractor fid-helper, mode clean"
+        # (bench.metrics.reference.describe_reference); null without Inception metrics and in older rows
+        ("reference", pa.string()),
         *[(m, pa.float64()) for m in METRICS],
         ("eps_mse_per_step", pa.list_(pa.float64())),
         ("allocation", pa.list_(pa.int64())),

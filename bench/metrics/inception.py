@@ -15,8 +15,19 @@ Both are run layer by layer through `layers` (conv ... mixed_10, pool2) so one p
 - `logits`: pool @ W_out^T without the bias (StyleGAN2-ADA's `no_output_bias=True`, which matches the original TF
   Inception Score code), only when the file has the output layer.
 
-Preprocessing is clean-fid's "clean" mode: uint8 RGB -> PIL bicubic resize to 299x299 per channel in float
-(`cleanfid.resize.make_resizer("PIL", False, "bicubic", (299, 299))`) -> (x - 128) / 128.
+FID modes (clean-fid's names, `cleanfid.features.build_feature_extractor` / `cleanfid.resize.build_resizer`), so
+numbers can be compared with papers that used each pipeline:
+- "clean" (default): uint8 RGB -> PIL bicubic resize to 299x299 per channel in float
+  (`make_resizer("PIL", False, "bicubic", (299, 299))`) -> (x - 128) / 128 -> the network above;
+- "legacy_tensorflow": the TF FID code's preprocessing: no resize outside the network; inside, TF1's
+  `resize_bilinear(align_corners=False)` to 299x299 (source pixel = destination pixel x in/out), which the
+  StyleGAN2-ADA TorchScript (clean-fid's `InceptionV3W(resize_inside=True)`) computes with an affine grid_sample;
+  then the same network (pool features only are comparable with TF-era numbers; sFID still uses mixed_6/conv);
+- "legacy_pytorch": pytorch-fid's pipeline: torch bilinear resize outside (`make_resizer("PyTorch", False,
+  "bilinear", (299, 299))`) -> pytorch-fid's Inception port (`cleanfid.inception_pytorch.InceptionV3`, block 3 pool
+  features of x / 255). Its weights (pt_inception-2015-12-05-6726825d.pth) are in no wheel: they are read from
+  torch's hub cache, where pytorch-fid or clean-fid put them on a machine with network; pool features only (no
+  sFID, no Inception Score).
 """
 
 from __future__ import annotations
@@ -32,8 +43,11 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError, UsageError
+from bench.metrics.names import FID_MODES
 
 EXTRACTORS = ("fid-helper", "clean-fid")
+MODES = FID_MODES
+PT_INCEPTION = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID_WEIGHTS_URL file name
 CLEANFID_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")  # clean-fid's hard-coded download location
 SPATIAL_CHANNELS = 7  # ADM evaluator: mixed_6/conv[..., :7]
 _LAYER_ORDER = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
@@ -129,20 +143,84 @@ def clean_resize(images_uint8: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack([fn(a) for a in arr])).permute(0, 3, 1, 2).contiguous()
 
 
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UsageError(f"unknown FID mode {mode!r}; expected one of: {', '.join(MODES)} (clean-fid's names)")
+    return mode
+
+
+def tf_bilinear_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
+    """float [B, C, H, W] -> [B, C, size, size] as TF1's resize_bilinear(align_corners=False): destination pixel j
+    reads source position j * H / size, clamped at the border. An affine grid shifted by 1/W - 1/size (in grid_sample's
+    [-1, 1] coordinates) gives exactly that mapping, as the StyleGAN2-ADA Inception TorchScript does."""
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    theta = torch.eye(2, 3, dtype=torch.float32).unsqueeze(0).repeat(b, 1, 1)
+    theta[:, 0, 2] += 1.0 / w - 1.0 / size
+    theta[:, 1, 2] += 1.0 / h - 1.0 / size
+    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def pytorch_fid_weights() -> Path:
+    """pytorch-fid's Inception weights in torch's hub cache (legacy_pytorch mode), or one error line saying how to
+    put them there."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / PT_INCEPTION
+    if not path.is_file():
+        raise BenchError(f"FID mode legacy_pytorch needs pytorch-fid's Inception weights at {path}, which no wheel "
+                         "ships; on a machine with network run `python -c \"from cleanfid.inception_pytorch import "
+                         "fid_inception_v3; fid_inception_v3()\"` and copy the file there (or set TORCH_HOME), or use "
+                         "the offline modes clean / legacy_tensorflow")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _load_pytorch_fid(device: str):
+    pytorch_fid_weights()
+    from cleanfid.inception_pytorch import InceptionV3
+
+    try:
+        net = InceptionV3(output_blocks=[3], resize_input=False).to(device).eval()
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        raise BenchError(f"could not load pytorch-fid's Inception weights {pytorch_fid_weights()} "
+                         f"({type(e).__name__}); delete the file and fetch it again") from None
+    return net
+
+
+def _pytorch_resize(images_uint8: torch.Tensor) -> torch.Tensor:
+    from cleanfid.resize import make_resizer
+
+    fn = make_resizer("PyTorch", False, "bilinear", (299, 299))  # cleanfid.resize.build_resizer("legacy_pytorch")
+    arr = images_uint8.permute(0, 2, 3, 1).numpy()
+    return torch.from_numpy(np.stack([fn(a) for a in arr])).permute(0, 3, 1, 2).contiguous()
+
+
+def _batch_features(u8: torch.Tensor, extractor: str, device, mode: str) -> dict[str, torch.Tensor]:
+    if mode == "legacy_pytorch":
+        net = _load_pytorch_fid(str(torch.device(device)))
+        with torch.no_grad():
+            pool = net(_pytorch_resize(u8).to(device) / 255)[0].reshape(len(u8), -1)  # block 3: [B, 2048, 1, 1]
+        return {"pool": pool.float().cpu()}
+    net = load_inception(extractor, device)
+    x = clean_resize(u8) if mode == "clean" else tf_bilinear_resize(u8.float())
+    return net(x)
+
+
 def inception_features(images_uint8: torch.Tensor, extractor: str = "fid-helper",
                        device: str | torch.device = "cpu", batch_size: int = 64,
-                       progress: bool = False, desc: str = "inception") -> dict[str, np.ndarray]:
+                       progress: bool = False, desc: str = "inception", mode: str = "clean") -> dict[str, np.ndarray]:
     """uint8 RGB images [N, 3, H, W] -> dict of float64 arrays: pool [N, 2048], spatial [N, 2023] and, when the
-    weights have the output layer, logits [N, 1008]."""
+    weights have the output layer, logits [N, 1008] (pool only in legacy_pytorch mode)."""
+    check_mode(mode)
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1] != 3:
         raise UsageError(f"expected uint8 RGB images [N, 3, H, W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
-    net = load_inception(extractor, device)
     from tqdm.auto import tqdm
 
     chunks: dict[str, list[torch.Tensor]] = {}
     starts = range(0, len(images_uint8), batch_size)
     for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-        for k, v in net(clean_resize(images_uint8[s:s + batch_size])).items():
+        for k, v in _batch_features(images_uint8[s:s + batch_size], extractor, device, mode).items():
             chunks.setdefault(k, []).append(v)
     return {k: torch.cat(v).double().numpy() for k, v in chunks.items()}
 
@@ -153,14 +231,14 @@ FEATURE_CACHE_SIZE = 8  # a few MB per set at a few hundred images
 
 
 def image_features(u8: torch.Tensor, extractor: str = "fid-helper", device="cpu", batch_size: int = 64,
-                   progress: bool = False, desc: str = "inception") -> dict[str, np.ndarray]:
+                   progress: bool = False, desc: str = "inception", mode: str = "clean") -> dict[str, np.ndarray]:
     """Inception features of uint8 RGB images; the last few sets are memoised by content hash (least recently used
     evicted): a harness worker compares every cell with the FP samples of its seed, so those stay hot."""
-    key = (hashlib.sha1(u8.contiguous().numpy().tobytes()).hexdigest(), tuple(u8.shape), extractor)
+    key = (hashlib.sha1(u8.contiguous().numpy().tobytes()).hexdigest(), tuple(u8.shape), extractor, mode)
     if key in _FEATURES:
         _FEATURES.move_to_end(key)
     else:
-        _FEATURES[key] = inception_features(u8, extractor, device, batch_size, progress, desc)
+        _FEATURES[key] = inception_features(u8, extractor, device, batch_size, progress, desc, mode)
         while len(_FEATURES) > FEATURE_CACHE_SIZE:
             _FEATURES.popitem(last=False)
     return _FEATURES[key]

@@ -60,3 +60,6 @@ def check_requests(metrics) -> tuple[str, ...]:
     if unknown:
         raise UsageError(f"unknown metric(s) {', '.join(unknown)}; expected some of: {', '.join(ALL_METRICS)}")
     return metrics
+
+# clean-fid's FID modes (bench.metrics.inception): which resize and which Inception port produce the features
+FID_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
