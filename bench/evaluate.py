@@ -120,6 +120,11 @@ def main(argv=None):
     result = evaluate(images, model.dataset, metrics, stats_file=args.reference_stats, described=described, **kw)
     ref = described.get("reference") or f"{model.dataset}/{default_split(model.dataset, split)}"
     print(f"metrics vs {ref} ({args.n} samples):\n{format_metrics(result)}")
+    if "is" in metrics and result.get("is") != result.get("is"):  # NaN: no logits layer in these weights
+        print("is: NaN because the Inception weights in use lack the logits layer; clean-fid's own file has it: run "
+              "any clean-fid computation once with network (it writes /tmp/inception-2015-12-05.pt), then pass "
+              "--extractor clean-fid" if args.fid_mode != "legacy_pytorch" else
+              "is: NaN: the legacy_pytorch network gives pool features only")
     if args.card:
         if model.dataset != "digits":
             raise UsageError("--card needs a digits model (the floor is the held-out digits split vs the train split)")

@@ -45,7 +45,8 @@ def require_one_commit(df: pd.DataFrame, what: str, allow_mixed: bool = False) -
     return f"mixed commits, shown together on request: {describe(counts)}"
 
 
-CONFIG_FIELDS = ("samples", "sampler", "steps", "overrides")  # a cell's settings, as every row records them
+# a cell's settings as every row records them (the batch size is left out: it moves results at float level only)
+CONFIG_FIELDS = ("samples", "sampler", "steps", "overrides")
 
 
 def require_one_configuration(df: pd.DataFrame, what: str) -> None:

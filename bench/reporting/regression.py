@@ -10,6 +10,7 @@ import pandas as pd
 
 from bench.errors import UsageError
 from bench.metrics.names import LABELS, METRICS, lower_is_better
+from bench.reporting.provenance import CONFIG_FIELDS
 
 K_CI = 1.0
 BOUNDED = frozenset({"precision", "recall", "digits_coverage", "digits_confidence"})  # in [0, 1]: absolute only
@@ -165,9 +166,6 @@ def compare(ref: pd.DataFrame, cur: pd.DataFrame, rel_tol=None, k: float = K_CI,
     """(offending rows, number of metric comparisons made); see compare_all."""
     problems, comparisons = compare_all(ref, cur, rel_tol, k, abs_tol, metrics, tolerances)
     return problems, len(comparisons)
-
-
-CONFIG_FIELDS = ("samples", "sampler", "steps", "overrides")  # recorded in every row (bench.harness.store)
 
 
 def config_diff(ref_row, cur_row) -> str:
