@@ -98,7 +98,9 @@ def test_resume_recomputes_only_missing_cells(ray_session, tmp_path):  # noqa: F
     assert len(read_runs(out / "runs", latest=False)) == 3
 
 
-def test_dry_run_full_plans_offline(capsys):
+def test_dry_run_full_plans_offline(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))  # an empty data folder, whatever this machine has
+    monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
     assert run("--grid", "full", "--dry-run") == 0
     text = capsys.readouterr().out
     methods = ["fp", "rtn", "ptq4dm", "qdiffusion", "eda-dm", "eda-dm:tdac-only", "eda-dm:fbr-only"]
@@ -113,7 +115,11 @@ def test_dry_run_full_plans_offline(capsys):
             n = 1 if m == "fp" else 2
             assert lines[m][-5:] == [str(n), "cells,", str(n), "to", "run"], (m, lines[m])
         assert "available" in b.splitlines()[0] or "UNAVAILABLE" in b.splitlines()[0]
+        assert b.splitlines()[2].startswith("  reference data")
     assert "resources:" in text
+    # no CIFAR-10 images or statistics on this machine: the plan says so, and where to put them
+    cifar = blocks[0].splitlines()[2]
+    assert "reference data MISSING: no reference images for cifar10 (split 'train')" in cifar
 
 
 def test_dry_run_counts_each_block_of_a_repeated_model(tmp_path, capsys):

@@ -169,6 +169,21 @@ def resource_groups(grid: Grid, cells: list[Cell]) -> list[tuple[str | None, lis
     return list(groups.items())
 
 
+def reference_line(block: dict, cells: list[Cell]) -> str:
+    """What the dry run says of a block's reference data: ok, MISSING with what to put where, or checked later."""
+    mine = [c for c in cells if c.model == block["name"]]
+    if not mine or not any(m not in HARNESS_METRICS for m in mine[0].metrics):
+        return "reference data: none needed by these metrics"
+    try:
+        known = model_reference(block["name"]) is not None
+    except ImportError:
+        known = False
+    if not known:
+        return "reference data: checked by each worker before sampling (the dataset is known once the model loads)"
+    ok, why = reference_status(mine[0])
+    return "reference data: ok" if ok else f"reference data MISSING: {why}"
+
+
 def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, res: dict, cluster_note: str,
                model_res: dict | None = None) -> None:
     print(f"grid {grid.name}: {len(cells)} cells, {len(todo)} to run ({len(cells) - len(todo)} already in the store)")
@@ -181,6 +196,7 @@ def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, re
         print(f"\nmodel {block['name']}  [{'available' if ok else 'UNAVAILABLE'}: {why}]")
         print(f"  sampler {sampler}; {block['samples']} samples; seeds {block['seeds']}; metrics "
               f"{', '.join(block['metrics']) or '-'}")
+        print(f"  {reference_line(block, cells)}")
         for m in block["methods"]:
             bits = ["FP"] if m == FP_METHOD else block["bits"]
             # A grid may list one model in several blocks (digits.toml orders its run that way): count this
