@@ -88,6 +88,10 @@ def main(argv=None):
                         "instead of reference images; KID and precision/recall need images and are NaN with it")
     p.add_argument("--device", default="auto", type=resolve_device, help=f"torch device: {DEVICE_HELP}")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--samples", type=Path,
+                   help="re-score saved samples instead of sampling: a .npz from `bench.run --save-samples` (its "
+                        "dataset comes from the file) or any ADM sample batch (give --dataset)")
+    p.add_argument("--dataset", help="reference dataset for --samples files without metadata (e.g. cifar10)")
     p.add_argument("--out", type=Path, help="write a PNG grid of the samples here")
     p.add_argument("--card", type=Path, help="write the model card markdown here (plus -samples.png, -loss.png), "
                    "with the held-out-vs-train floor")
@@ -96,6 +100,8 @@ def main(argv=None):
         raise UsageError(f"--n must be at least 2 to compute distribution metrics, got {args.n}")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     torch.set_num_threads(args.threads)
+    if args.samples is not None:
+        return rescore(args, metrics)
 
     from bench.harness.cell import reference_split
     from bench.models.saved import load_for_sampling
@@ -138,6 +144,28 @@ def main(argv=None):
         path = write_card(model, args.card, args.n, args.seed, result, metrics_train, floor, seconds, images,
                           command, args.threads, load)
         print(f"wrote {path}")
+    return result
+
+
+def rescore(args, metrics) -> dict:
+    """--samples: the metrics of saved samples, no model and no sampling."""
+    from bench.harness.samples import load_samples
+
+    images, meta = load_samples(args.samples)
+    dataset = args.dataset or meta.get("dataset")
+    if not dataset:
+        raise UsageError(f"{args.samples} has no metadata naming its dataset; pass --dataset (e.g. cifar10)")
+    ok, why = reference_available(dataset, args.split, metrics, args.reference_dir, args.extractor,
+                                  mode=args.fid_mode, stats_file=args.reference_stats)
+    if not ok:
+        raise BenchError(why)
+    described: dict = {}
+    result = evaluate(images, dataset, metrics, split=args.split, reference_dir=args.reference_dir,
+                      extractor=args.extractor, device=args.device, seed=args.seed, mode=args.fid_mode,
+                      stats_file=args.reference_stats, described=described)
+    what = " ".join(str(meta[k]) for k in ("model", "method", "bits") if k in meta) or args.samples.name
+    ref = described.get("reference") or f"{dataset}/{default_split(dataset, args.split)}"
+    print(f"{what}: {len(images)} saved samples from {args.samples}\nmetrics vs {ref}:\n{format_metrics(result)}")
     return result
 
 

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE in the driver and every worker first (registers extra models or methods)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
+    p.add_argument("--save-samples", action="store_true",
+                   help="also save each cell's samples as <out>/samples/<grid>/<model>/<method>/<bits>-seed<s>-<key>"
+                        ".npz (ADM's format: uint8 arr_0), re-scored by `bench.evaluate --samples FILE`")
     p.add_argument("--no-cell-logs", dest="cell_logs", action="store_false",
                    help="do not print the running cells' log lines (sampling batch k/n, reconstruction unit i/m, "
                         "...) as they arrive; each cell's log is still written to <out>/logs/")

@@ -253,3 +253,21 @@ def test_model_block_resources_run_and_plan(ray_session, tmp_path, capsys):  # n
     out = tmp_path / "out"
     assert run("--grid", grid, "--out", str(out), "--no-cell-logs") == 0  # actors ask Ray for 64 MiB each
     assert (read_runs(out / "runs")["status"] == "ok").all()
+
+
+def test_save_samples_writes_each_cell_for_rescoring(ray_session, tmp_path):  # noqa: F811
+    """--save-samples: every cell's samples land under <out>/samples (not in the cell key: a rerun resumes), and the
+    row names the file."""
+    from bench.harness.samples import load_samples
+
+    grid = write_grid(tmp_path, ["fp", "test-ok"], bits=("W8A8",))
+    out = tmp_path / "out"
+    assert run("--grid", grid, "--out", str(out), "--save-samples") == 0
+    df = read_runs(out / "runs")
+    assert len(df) == 2 and df["samples_file"].notna().all()
+    for r in df.itertuples():
+        x, meta = load_samples(r.samples_file)
+        assert x.shape[0] == 8 and meta["key"] == r.cell_key and meta["method"] == r.method
+        assert str(out.resolve() / "samples" / "t" / "test-tiny") in r.samples_file
+    assert run("--grid", grid, "--out", str(out)) == 0  # same cells: nothing reruns
+    assert len(read_runs(out / "runs", latest=False)) == 2

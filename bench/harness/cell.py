@@ -304,6 +304,14 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row["eps_mse"] = 0.0
     row["mse_vs_fp"] = mse_vs_fp(images, fp_images)  # 0 for the FP cell: its images are the FP samples
     t = time.time()
+    if context.get("samples_dir"):  # bench.run --save-samples: re-scoring later needs no sampling
+        from bench.harness.samples import samples_path, save_samples
+
+        path = save_samples(images, samples_path(context["samples_dir"], cell),
+                            {**cell.to_dict(), "key": cell.key, "dataset": model.dataset,
+                             "sampler": model.sampler.describe(), "git_commit": context.get("git_commit")})
+        row["samples_file"] = str(path)
+        log.info("samples saved to %s", path)
     if cell.metrics:
         described: dict = {}
         scores = evaluate_cell(images, fp_images, model, cell, device, described)

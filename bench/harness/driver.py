@@ -91,6 +91,8 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
 
     context = {"run_id": f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
                "git_commit": git_commit()}
+    if getattr(args, "save_samples", False):  # the workers write them (on a cluster: --out on shared storage)
+        context["samples_dir"] = str(Path(out).resolve() / "samples")
     t0 = time.time()
     progress = GridProgress(len(todo), f"grid {grid.name}", enabled=args.progress)
     counts = {"ok": 0, "failed": 0}

@@ -81,6 +81,7 @@ FILE_SCHEMA = pa.schema(
         ("overrides", pa.string()),  # JSON of the cell's method overrides
         ("info", pa.string()),  # JSON of the method's resolved config (QuantResult.info["config"])
         ("sample_grid", pa.string()),  # path of the PNG sample grid, relative to the store root
+        ("samples_file", pa.string()),  # the cell's samples (bench.run --save-samples; bench.harness.samples)
     ]
 )
 SCHEMA = pa.schema(list(PARTITION_SCHEMA) + list(FILE_SCHEMA))
