@@ -64,7 +64,7 @@ def render(runs: dict[str, pd.DataFrame]) -> str:
     lines = ["# Method fidelity fixes: measured effect", "",
              "Rendered by `python -m bench.studies.fidelity` from results/fidelity/<commit>.parquet (rows of "
              "`python -m bench.run --grid fidelity` at each commit). digits-ddpm, W4A8, seeds "
-             f"{_seeds(runs)}, {_samples(runs)} samples per cell, each method at the digits study's CPU budget "
+             f"{_seeds(runs)}, {_samples(runs)} samples per cell, each method at a fixed CPU budget "
              "(1% of its official iterations, 256 calibration samples; Q-Diffusion 64 x 20). After - before is "
              "paired by seed (mean ± 95% t-interval). The ledger of every element is docs/fidelity.md.", "",
              "eps MSE is measured on the calibration trajectories before the noise-stream fix (in-sample) and on "
