@@ -183,7 +183,7 @@ def test_unsupported_is_one_line_naming_the_layer(tiny_unet):
         integer_unet(q)
 
 
-def test_cli_export_sample_and_errors(model_dir, tmp_path, capsys):
+def test_cli_export_sample_and_errors(model_dir, tmp_path, capsys, monkeypatch):
     from bench import export, sample
     from tests.conftest import make_tiny_unet
 
@@ -205,9 +205,17 @@ def test_cli_export_sample_and_errors(model_dir, tmp_path, capsys):
             export.main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and msg in err[0], err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # on this CPU-only machine --device cuda stops at the device check
         sample.main(["--model", str(tmp_path / "int"), "--n", "2", "--out", str(tmp_path / "h.png"), "--device",
                      "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device is visible" in err[0]
+    with monkeypatch.context() as m:  # where a GPU is visible, the integer export says it runs on x86 CPUs only
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "device_count", lambda: 1)
+        with pytest.raises(SystemExit):
+            sample.main(["--model", str(tmp_path / "int"), "--n", "2", "--out", str(tmp_path / "h.png"),
+                         "--device", "cuda"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "runs on x86 CPUs" in err[0] and "fake-quant" in err[0]
 

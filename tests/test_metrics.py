@@ -80,7 +80,7 @@ def test_real_inception_fid(one_thread):
     assert distances.fid_from_features(f["spatial"][:16], f["spatial"][16:]) > 100
 
 
-def _fake_features(u8, extractor="fid-helper", device="cpu", batch_size=64, progress=False, desc=""):
+def _fake_features(u8, extractor="fid-helper", device="cpu", batch_size=64, progress=False, desc="", mode="clean"):
     """Stand-in extractor for plumbing tests: 8x8-pooled pixels as 'pool' and 'spatial' features."""
     x = torch.nn.functional.adaptive_avg_pool2d(u8.float(), 4).flatten(1).double().numpy()
     return {"pool": x, "spatial": x[:, :20]}
