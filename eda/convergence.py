@@ -17,7 +17,10 @@ plateaued.
 
 `budget="converged"` (eda.registry) stops a unit at the first window boundary, after a tenth of the cap, where the
 rule holds on the curve so far; the learning-rate schedule keeps the cap as its horizon, so a stopped unit ends
-with part of its cosine decay unused.
+with part of its cosine decay unused. A stage with the AdaRound regulariser (Q-Diffusion, PTQ4DM with
+reconstruction) never stops early: its temperature b anneals over the whole budget (BRECQ's LinearTempDecay), and
+rounding variables hardened before the regulariser has pushed them to 0 or 1 would not be AdaRound's result. Its
+curve is still summarised and judged by the rule.
 """
 
 from __future__ import annotations
