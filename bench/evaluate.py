@@ -109,10 +109,7 @@ def main(argv=None):
     model, unet, what = load_for_sampling(args.model, device=args.device, seed=args.seed)
     split = args.split or reference_split(model)
     # before sampling, which takes minutes to hours: a missing reference set or network fails in milliseconds
-    ok, why = reference_available(model.dataset, split, metrics, args.reference_dir, args.extractor,
-                                  mode=args.fid_mode, stats_file=args.reference_stats)
-    if not ok:
-        raise BenchError(why)
+    _require_reference(args, model.dataset, split, metrics)
     cfg = _sampler(args, model)
     images, seconds = sample_images(model, args.n, args.seed, cfg, args.batch_size, args.device, unet=unet)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # CPU timings mean little on a busy machine
@@ -120,17 +117,10 @@ def main(argv=None):
           f"({1000 * seconds / args.n:.0f} ms/image, {args.device}, {args.threads} thread(s))")
     if args.out:
         print(f"wrote {save_grid(images, args.out)}")
-    kw = {"split": split, "reference_dir": args.reference_dir, "extractor": args.extractor,
-          "device": args.device, "seed": args.seed, "mode": args.fid_mode}
-    described: dict = {}
-    result = evaluate(images, model.dataset, metrics, stats_file=args.reference_stats, described=described, **kw)
-    ref = described.get("reference") or f"{model.dataset}/{default_split(model.dataset, split)}"
+    kw = _metric_kwargs(args, split)
+    result, ref = _score(images, model.dataset, metrics, args, kw)
     print(f"metrics vs {ref} ({args.n} samples):\n{format_metrics(result)}")
-    if "is" in metrics and result.get("is") != result.get("is"):  # NaN: no logits layer in these weights
-        print("is: NaN because the Inception weights in use lack the logits layer; clean-fid's own file has it: run "
-              "any clean-fid computation once with network (it writes /tmp/inception-2015-12-05.pt), then pass "
-              "--extractor clean-fid" if args.fid_mode != "legacy_pytorch" else
-              "is: NaN: the legacy_pytorch network gives pool features only")
+    _explain_nan_is(args, metrics, result)
     if args.card:
         if model.dataset != "digits":
             raise UsageError("--card needs a digits model (the floor is the held-out digits split vs the train split)")
@@ -155,18 +145,41 @@ def rescore(args, metrics) -> dict:
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise UsageError(f"{args.samples} has no metadata naming its dataset; pass --dataset (e.g. cifar10)")
-    ok, why = reference_available(dataset, args.split, metrics, args.reference_dir, args.extractor,
-                                  mode=args.fid_mode, stats_file=args.reference_stats)
+    _require_reference(args, dataset, args.split, metrics)
+    result, ref = _score(images, dataset, metrics, args, _metric_kwargs(args, args.split))
+    what = " ".join(str(meta[k]) for k in ("model", "method", "bits") if k in meta) or args.samples.name
+    print(f"{what}: {len(images)} saved samples from {args.samples}\nmetrics vs {ref}:\n{format_metrics(result)}")
+    _explain_nan_is(args, metrics, result)
+    return result
+
+
+def _require_reference(args, dataset: str, split, metrics) -> None:
+    """One error line, before any sampling, when the reference set or a network the metrics need is missing."""
+    ok, why = reference_available(dataset, split, metrics, args.reference_dir, args.extractor, mode=args.fid_mode,
+                                  stats_file=args.reference_stats)
     if not ok:
         raise BenchError(why)
+
+
+def _metric_kwargs(args, split) -> dict:
+    """evaluate()'s settings from the command line (the model card's extra evaluations reuse them)."""
+    return {"split": split, "reference_dir": args.reference_dir, "extractor": args.extractor, "device": args.device,
+            "seed": args.seed, "mode": args.fid_mode}
+
+
+def _score(images, dataset: str, metrics, args, kw: dict) -> tuple[dict, str]:
+    """(metrics, the reference set's one-line description) against --reference-stats or the reference images."""
     described: dict = {}
-    result = evaluate(images, dataset, metrics, split=args.split, reference_dir=args.reference_dir,
-                      extractor=args.extractor, device=args.device, seed=args.seed, mode=args.fid_mode,
-                      stats_file=args.reference_stats, described=described)
-    what = " ".join(str(meta[k]) for k in ("model", "method", "bits") if k in meta) or args.samples.name
-    ref = described.get("reference") or f"{dataset}/{default_split(dataset, args.split)}"
-    print(f"{what}: {len(images)} saved samples from {args.samples}\nmetrics vs {ref}:\n{format_metrics(result)}")
-    return result
+    result = evaluate(images, dataset, metrics, stats_file=args.reference_stats, described=described, **kw)
+    return result, described.get("reference") or f"{dataset}/{default_split(dataset, kw['split'])}"
+
+
+def _explain_nan_is(args, metrics, result: dict) -> None:
+    if "is" in metrics and result.get("is") != result.get("is"):  # NaN: no logits layer in these weights
+        print("is: NaN because the Inception weights in use lack the logits layer; clean-fid's own file has it: run "
+              "any clean-fid computation once with network (it writes /tmp/inception-2015-12-05.pt), then pass "
+              "--extractor clean-fid" if args.fid_mode != "legacy_pytorch" else
+              "is: NaN: the legacy_pytorch network gives pool features only")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,16 @@ def make_store(root):
     write_row(root, bad)
 
 
+def add_rtn_row(root, **kw):
+    """One more ok rtn W8A8 row (seed 3) next to make_store's, with the given fields changed."""
+    r = empty_row()
+    r.update(grid="g", model="m", method="rtn", bits="W8A8", w_bits=8, a_bits=8, seed=3, samples=16, status="ok",
+             error="", run_id="r2", git_commit="abc", dataset="digits", sampler="ddim4", digits_fid=5.0,
+             time=pd.Timestamp.now(tz="UTC"))
+    r.update(kw)
+    write_row(root, r)
+
+
 def test_mean_ci():
     m, h, n = mean_ci([1.0, 2.0, 3.0])
     assert (m, n) == (2.0, 3) and h == pytest.approx(4.303 * 1 / math.sqrt(3), rel=1e-3)  # t(0.975, 2) = 4.303
@@ -80,11 +90,7 @@ def test_report_refuses_mixed_or_dirty_commits_unless_told(tmp_path, capsys):
     """A table averages rows of one clean commit; rows of two commits or of a dirty tree are refused with one line
     naming them, and --allow-mixed shows them with every commit listed."""
     make_store(tmp_path / "runs")
-    r = empty_row()
-    r.update(grid="g", model="m", method="rtn", bits="W8A8", w_bits=8, a_bits=8, seed=3, samples=16, status="ok",
-             error="", cell_key="late", run_id="r2", git_commit="def456-dirty", dataset="digits", sampler="ddim4",
-             digits_fid=5.0, time=pd.Timestamp.now(tz="UTC"))
-    write_row(tmp_path / "runs", r)
+    add_rtn_row(tmp_path / "runs", cell_key="late", git_commit="def456-dirty")
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path), "--grid", "g", "--no-plots"])
     assert e.value.code == 2
@@ -105,11 +111,7 @@ def test_report_names_the_one_clean_commit(tmp_path):
 def test_report_never_averages_two_configurations(tmp_path, capsys):
     """Rows of one (model, method, bits) with another sample count are refused, not averaged over seeds."""
     make_store(tmp_path / "runs")
-    r = empty_row()
-    r.update(grid="g", model="m", method="rtn", bits="W8A8", w_bits=8, a_bits=8, seed=3, samples=64, status="ok",
-             error="", cell_key="more", run_id="r2", git_commit="abc", dataset="digits", sampler="ddim4",
-             digits_fid=5.0, time=pd.Timestamp.now(tz="UTC"))
-    write_row(tmp_path / "runs", r)
+    add_rtn_row(tmp_path / "runs", cell_key="more", samples=64)
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path), "--grid", "g", "--no-plots"])
     assert e.value.code == 2

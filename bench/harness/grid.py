@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,6 @@ def cell_bits(bits: str) -> tuple[int, int]:
     """(weight, activation) bits of a cell's setting: 'FP' -> (32, 32), else eda.policy.parse_bits
     ('W4A8' -> (4, 8))."""
     return (32, 32) if bits == FP_BITS else parse_bits(bits)
-
-
-KEY_DEFAULTS = {"fid_mode": "clean", "reference_stats": None}  # Cell fields hashed only when set otherwise
 
 
 @dataclass(frozen=True)
@@ -102,6 +99,10 @@ class Cell:
         d = dict(d)
         d["metrics"] = tuple(d.get("metrics", ()))
         return cls(**d)
+
+
+# Cell fields hashed into the key only when set otherwise than their defaults (fields added after keys existed)
+KEY_DEFAULTS = {f.name: f.default for f in fields(Cell) if f.name in ("fid_mode", "reference_stats")}
 
 
 @dataclass

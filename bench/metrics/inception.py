@@ -129,16 +129,20 @@ def load_inception(extractor: str = "fid-helper", device: str | torch.device = "
     return _load(extractor, str(torch.device(device)))
 
 
-@functools.lru_cache(maxsize=1)
-def _resizer():
+@functools.lru_cache(maxsize=2)
+def _resizer(mode: str):
+    """The per-image resize of clean-fid's mode, as cleanfid.resize.build_resizer(mode) builds it."""
     from cleanfid.resize import make_resizer
 
-    return make_resizer("PIL", False, "bicubic", (299, 299))  # what cleanfid.resize.build_resizer("clean") builds
+    if mode == "clean":
+        return make_resizer("PIL", False, "bicubic", (299, 299))
+    return make_resizer("PyTorch", False, "bilinear", (299, 299))  # legacy_pytorch
 
 
-def clean_resize(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float [B, 3, 299, 299] in [0, 255], resized as clean-fid's clean mode does."""
-    fn = _resizer()
+def clean_resize(images_uint8: torch.Tensor, mode: str = "clean") -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float [B, 3, 299, 299] in [0, 255], resized as clean-fid's `mode` does outside the
+    network ("clean" or "legacy_pytorch")."""
+    fn = _resizer(mode)
     arr = images_uint8.permute(0, 2, 3, 1).numpy()
     return torch.from_numpy(np.stack([fn(a) for a in arr])).permute(0, 3, 1, 2).contiguous()
 
@@ -188,19 +192,11 @@ def _load_pytorch_fid(device: str):
     return net
 
 
-def _pytorch_resize(images_uint8: torch.Tensor) -> torch.Tensor:
-    from cleanfid.resize import make_resizer
-
-    fn = make_resizer("PyTorch", False, "bilinear", (299, 299))  # cleanfid.resize.build_resizer("legacy_pytorch")
-    arr = images_uint8.permute(0, 2, 3, 1).numpy()
-    return torch.from_numpy(np.stack([fn(a) for a in arr])).permute(0, 3, 1, 2).contiguous()
-
-
 def _batch_features(u8: torch.Tensor, extractor: str, device, mode: str) -> dict[str, torch.Tensor]:
     if mode == "legacy_pytorch":
         net = _load_pytorch_fid(str(torch.device(device)))
         with torch.no_grad():
-            pool = net(_pytorch_resize(u8).to(device) / 255)[0].reshape(len(u8), -1)  # block 3: [B, 2048, 1, 1]
+            pool = net(clean_resize(u8, mode).to(device) / 255)[0].reshape(len(u8), -1)  # block 3: [B, 2048, 1, 1]
         return {"pool": pool.float().cpu()}
     net = load_inception(extractor, device)
     x = clean_resize(u8) if mode == "clean" else tf_bilinear_resize(u8.float())

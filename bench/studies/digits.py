@@ -71,11 +71,16 @@ def info_value(info: dict, key: str):
     return v
 
 
+def stage_reports(info: dict) -> list[dict]:
+    """The reconstruction stage reports a row recorded (QuantResult.info["recon"]); [] without reconstruction."""
+    recon = info_value(info, "recon") or []
+    return recon if isinstance(recon, list) else [recon]
+
+
 def unit_losses(info: dict) -> list[dict]:
     """Every reconstructed unit's loss summary (eda.convergence.summarize), over all stages, with stage and name."""
-    recon = info_value(info, "recon") or []
     out = []
-    for st in recon if isinstance(recon, list) else [recon]:
+    for st in stage_reports(info):
         for name, u in (st.get("units") or {}).items():
             loss = u.get("loss") or {}
             if loss.get("iters"):
@@ -84,14 +89,13 @@ def unit_losses(info: dict) -> list[dict]:
 
 
 def with_convergence(ok: pd.DataFrame) -> pd.DataFrame:
-    """ok rows plus `units` and `unconverged` (0 and 0 for methods that reconstruct nothing)."""
+    """ok rows plus `units` and `unconverged` (0 and 0 for methods that reconstruct nothing), counted by the rule
+    the method itself records (eda.registry.convergence) from the row's stage reports."""
+    from eda.registry import convergence
+
     ok = ok.copy()
-    units, bad = [], []
-    for _, r in ok.iterrows():
-        u = unit_losses(info_of(r))
-        units.append(len(u))
-        bad.append(sum(not x.get("plateaued") for x in u))
-    ok["units"], ok["unconverged"] = units, bad
+    counts = [convergence(stage_reports(info_of(r))) for _, r in ok.iterrows()]
+    ok["units"], ok["unconverged"] = [c["units"] for c in counts], [c["unconverged"] for c in counts]
     return ok
 
 
