@@ -205,3 +205,13 @@ def test_fid_mode_and_reference_stats_in_a_grid(tmp_path):
     assert a.key != b.key and a.key == Cell("g", "m", "rtn", "W8A8", 0, 4).key
     with pytest.raises(UsageError, match="fid_mode 'tf'; expected one of clean, legacy_tensorflow, legacy_pytorch"):
         load_grid(str(tmp_path / "c.toml"))
+
+
+def test_overrides_that_collapse_blocks_give_each_cell_once():
+    # digits.toml lists each model in several blocks (main methods, ablations, W8A8); `--methods eda-dm --bits W4A8`
+    # turns them all into the same block, whose cells must be planned (and run) once, in file order.
+    g = apply_overrides(load_grid("digits"), methods=["eda-dm"], bits=["W4A8"], seeds=[0, 1])
+    cells = g.cells()
+    assert len({c.key for c in cells}) == len(cells) == 2 * 2  # 2 models x 2 seeds
+    assert [(c.model, c.seed) for c in cells] == [("digits-ddpm", 0), ("digits-ddpm", 1),
+                                                  ("digits-cosine", 0), ("digits-cosine", 1)]

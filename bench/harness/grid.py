@@ -123,19 +123,24 @@ class Grid:
     cli_overrides: dict = field(default_factory=dict)  # --set: wins over [set] and [method."..."]
 
     def cells(self) -> list[Cell]:
-        out = []
+        """Every cell once, in file order. Two blocks can name the same cell (a grid lists a model twice, or
+        --methods/--bits overrides make an ablation block repeat the main one): it is run and counted once."""
+        out, seen = [], set()
         for block in self.models:
             for method in block["methods"]:
                 ovr = {**self.overrides, **self.method_overrides.get(method, {}), **self.cli_overrides}
                 bit_list = [FP_BITS] if method == FP_METHOD else block["bits"]
                 for bits in bit_list:
                     for seed in block["seeds"]:
-                        out.append(Cell(grid=self.name, model=block["name"], method=method, bits=bits,
+                        cell = Cell(grid=self.name, model=block["name"], method=method, bits=bits,
                                         seed=int(seed), samples=int(block["samples"]), sampler=block.get("sampler"),
                                         metrics=tuple(block["metrics"]), overrides=ovr,
                                         batch_size=int(block["batch_size"]),
                                         fid_mode=block.get("fid_mode", "clean"),
-                                        reference_stats=block.get("reference_stats")))
+                                        reference_stats=block.get("reference_stats"))
+                        if cell.key not in seen:
+                            seen.add(cell.key)
+                            out.append(cell)
         return out
 
     def model_names(self) -> list[str]:
