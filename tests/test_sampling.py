@@ -86,3 +86,32 @@ def test_bad_sampler_settings_are_usage_errors():
         SamplerConfig(skip="cubic")
     with pytest.raises(UsageError, match="sampler kind"):
         SamplerConfig(kind="euler")
+
+
+@pytest.mark.parametrize("n,shape,batch", [(1000, (1, 16, 16), 256), (17, (1, 5, 5), 16), (9, (3, 8, 8), 4),
+                                           (7, (2, 3), 3), (5, (1, 1, 3), 2), (40, (3, 256, 256), 16)])
+def test_batch_noise_is_the_one_draw_sliced(n, shape, batch):
+    # A streaming cell draws x_T one batch at a time; its samples must be those of the one-draw noise that every
+    # committed result was sampled from, for chunkable shapes (the generator path) and tiny ones (the fallback).
+    from bench.models.sampling import _noise_chunks, initial_noise
+
+    chunks = list(_noise_chunks(n, shape, seed=7, batch_size=batch))
+    assert [len(c) for c in chunks] == [min(batch, n - s) for s in range(0, n, batch)]
+    assert torch.equal(torch.cat(chunks), initial_noise(n, shape, seed=7))
+
+
+def test_sample_batches_follow_the_one_draw_noise_and_per_batch_generators(tiny_unet):
+    # What every committed result was sampled with: x_T drawn at once, batch b's step noise from seed*1_000_003 + b.
+    from bench.models.sampling import initial_noise, sample_batches
+
+    cfg, acp = SamplerConfig(kind="ddim", steps=3, eta=0.5), alphas_cumprod_for("linear")
+    x_T = initial_noise(5, (1, 8, 8), seed=3)
+    expected = [sample_batch(eps_of(tiny_unet), x_T[s:s + 2], acp, cfg, offset=s,
+                             generator=torch.Generator().manual_seed(3 * 1_000_003 + b))
+                for b, s in enumerate(range(0, 5, 2))]
+    parts = list(sample_batches(eps_of(tiny_unet), 5, (1, 8, 8), acp, cfg, seed=3, batch_size=2))
+    assert [s for s, _ in parts] == [0, 2, 4]
+    for (_, got), want in zip(parts, expected):
+        assert torch.equal(got, want)
+    assert torch.equal(sample(eps_of(tiny_unet), 5, (1, 8, 8), acp, cfg, seed=3, batch_size=2),
+                       torch.cat(expected))

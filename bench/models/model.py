@@ -68,16 +68,24 @@ class DiffusionModel:
         """Run the sampler for n samples from `seed` with `unet` (default: the FP UNet); returns x_0 on CPU
         (latents for LDMs: pass them through `to_images`). Conditioning, if any, comes from
         `self.conditioning(n, seed)` and is sliced per batch, so FP and quantized runs see the same inputs."""
-        from bench.models.sampling import sample
+        outs = [x0 for _, x0 in self.generate_batches(n, seed, unet, sampler, batch_size, device, hooks, progress)]
+        return torch.cat(outs) if outs else torch.empty((0, *self.sample_shape))
+
+    def generate_batches(self, n: int, seed: int = 0, unet: torch.nn.Module | None = None,
+                         sampler: SamplerConfig | None = None, batch_size: int = 256,
+                         device: str | torch.device = "cpu", hooks=(), progress: bool = False):
+        """`generate`, one batch at a time: yields (start index, x_0 batch on CPU) with the values `generate`
+        returns, so a caller that consumes each batch holds one batch of samples whatever n is."""
+        from bench.models.sampling import sample_batches
 
         cond = self.conditioning(n, seed) if self.conditioning is not None else None
 
         def per_batch(start: int, stop: int):
             return self.eps_fn(unet, None if cond is None else {k: v[start:stop] for k, v in cond.items()})
 
-        return sample(per_batch, n, self.sample_shape, self.alphas_cumprod, sampler or self.sampler, seed=seed,
-                      batch_size=batch_size, device=device, hooks=hooks, progress=progress, per_batch=True,
-                      prediction_type=self.prediction_type)
+        yield from sample_batches(per_batch, n, self.sample_shape, self.alphas_cumprod, sampler or self.sampler,
+                                  seed=seed, batch_size=batch_size, device=device, hooks=hooks, progress=progress,
+                                  per_batch=True, prediction_type=self.prediction_type)
 
     def timesteps(self, sampler: SamplerConfig | None = None) -> list[int]:
         """The training time steps the sampler visits (default: this model's sampler), as `generate` runs them."""

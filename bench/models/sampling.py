@@ -219,6 +219,25 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=g)
 
 
+def _noise_chunks(n: int, shape: tuple[int, ...], seed: int, batch_size: int):
+    """x_T of `initial_noise(n, shape, seed)`, batch by batch, without holding all of it (50k LSUN samples are
+    39 GB of float32 noise). One generator advanced chunk by chunk gives the same values as one draw when every
+    chunk but the last has a multiple of 16 elements and the last has at least 16: CPU `randn` draws one uniform
+    per element and pairs them by Box-Muller within blocks of 16, redrawing the last 16 when the size is not a
+    multiple of 16 (ATen's normal_fill; tests/test_sampling.py pins it). Otherwise (tiny shapes only) the noise is
+    drawn at once and sliced."""
+    per = int(np.prod(shape)) if shape else 1
+    last = n - (max(n - 1, 0) // batch_size) * batch_size
+    if n and (batch_size * per) % 16 == 0 and last * per >= 16:
+        g = torch.Generator().manual_seed(seed)
+        for s in range(0, n, batch_size):
+            yield torch.randn((min(batch_size, n - s), *shape), generator=g)
+    else:
+        x_T = initial_noise(n, shape, seed)
+        for s in range(0, n, batch_size):
+            yield x_T[s:s + batch_size]
+
+
 @torch.no_grad()
 def sample(eps_fn: EpsFn | Callable[[int, int], EpsFn], n: int, shape: tuple[int, ...], alphas_cumprod: torch.Tensor,
            cfg: SamplerConfig, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
@@ -227,10 +246,22 @@ def sample(eps_fn: EpsFn | Callable[[int, int], EpsFn], n: int, shape: tuple[int
     """Sample n images (returned on CPU). Deterministic for a seed, independent of batch size for eta = 0.
 
     With per_batch=True, `eps_fn(start, stop)` is called once per batch and returns that batch's eps function
-    (how per-sample conditioning is sliced into batches).
+    (how per-sample conditioning is sliced into batches). `sample_batches` yields the same batches one at a time.
     """
-    x_T = initial_noise(n, shape, seed)
-    outs = []
+    outs = [xb for _, xb in sample_batches(eps_fn, n, shape, alphas_cumprod, cfg, seed, batch_size, device, hooks,
+                                           progress, per_batch, prediction_type)]
+    return torch.cat(outs) if outs else torch.empty((0, *shape))
+
+
+@torch.no_grad()
+def sample_batches(eps_fn: EpsFn | Callable[[int, int], EpsFn], n: int, shape: tuple[int, ...],
+                   alphas_cumprod: torch.Tensor, cfg: SamplerConfig, seed: int = 0, batch_size: int = 256,
+                   device: str | torch.device = "cpu", hooks: Iterable[Callable[[StepRecord], None]] = (),
+                   progress: bool = False, per_batch: bool = False, prediction_type: str = "epsilon"):
+    """`sample`, one batch at a time: yields (start index, x_0 of samples start.. on CPU), so a caller that
+    consumes each batch (a streaming harness cell) holds one batch of samples, whatever n is. Only the initial
+    noise of the current batch is drawn (see `_noise_chunks`), with the values of `initial_noise(n, ...)` sliced."""
+    noise = _noise_chunks(n, shape, seed, batch_size)
     starts = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -240,8 +271,7 @@ def sample(eps_fn: EpsFn | Callable[[int, int], EpsFn], n: int, shape: tuple[int
     for b, s in enumerate(starts):
         log.info("sampling batch %d/%d (%s)", b + 1, n_batches, cfg.describe())
         gen = torch.Generator().manual_seed(seed * 1_000_003 + b)  # per-step noise for eta > 0 / ddpm
-        xb = x_T[s:s + batch_size].to(device)
+        xb = next(noise).to(device)
         fn = eps_fn(s, s + len(xb)) if per_batch else eps_fn
-        outs.append(sample_batch(fn, xb, alphas_cumprod, cfg, generator=gen, hooks=hooks, offset=s,
-                                 prediction_type=prediction_type).cpu())
-    return torch.cat(outs) if outs else torch.empty((0, *shape))
+        yield s, sample_batch(fn, xb, alphas_cumprod, cfg, generator=gen, hooks=hooks, offset=s,
+                              prediction_type=prediction_type).cpu()
