@@ -138,17 +138,31 @@ def main(argv=None):
 
 
 def rescore(args, metrics) -> dict:
-    """--samples: the metrics of saved samples, no model and no sampling."""
-    from bench.harness.samples import load_samples
+    """--samples: the metrics of saved samples, no model and no sampling. The file is read and scored a batch at a
+    time (bench.metrics.stream), so 50k saved samples need no more memory than one batch of them."""
+    from tqdm.auto import tqdm
 
-    images, meta = load_samples(args.samples)
+    from bench.harness.samples import read_samples
+    from bench.metrics.stream import SampleScorer
+
+    n, meta, batches = read_samples(args.samples, batch_size=args.batch_size)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise UsageError(f"{args.samples} has no metadata naming its dataset; pass --dataset (e.g. cifar10)")
+    if n < 2:
+        raise UsageError(f"{args.samples} holds {n} image(s); distribution metrics need at least 2")
     _require_reference(args, dataset, args.split, metrics)
-    result, ref = _score(images, dataset, metrics, args, _metric_kwargs(args, args.split))
+    described: dict = {}
+    kw = _metric_kwargs(args, args.split)
+    scorer = SampleScorer(dataset, metrics, stats_file=args.reference_stats, described=described, progress=True, **kw)
+    with tqdm(total=n, desc="scoring saved samples", unit="image", disable=n <= args.batch_size) as bar:
+        for images in batches:
+            scorer.add(images)
+            bar.update(len(images))
+    result = scorer.result()
+    ref = described.get("reference") or f"{dataset}/{default_split(dataset, kw['split'])}"
     what = " ".join(str(meta[k]) for k in ("model", "method", "bits") if k in meta) or args.samples.name
-    print(f"{what}: {len(images)} saved samples from {args.samples}\nmetrics vs {ref}:\n{format_metrics(result)}")
+    print(f"{what}: {n} saved samples from {args.samples}\nmetrics vs {ref}:\n{format_metrics(result)}")
     _explain_nan_is(args, metrics, result)
     return result
 

@@ -24,6 +24,8 @@ Figures (keys for --only):
                 and the FP passes it needs, with the fused training fake-quant (eda.quantizer.FUSED_TRAINING) and
                 with the composed ops before it side by side, against the 30-minute target on 2 cores; where the
                 slowest unit's iteration spends its time (torch.profiler).
+- memory    (h) peak host memory of one harness cell (RTN W8A8, samples saved) at 1k, 5k and 20k samples on an
+                LSUN-shaped random model, each in a fresh process: flat when cells stream (bench/studies/perf_memory.py).
 
 Timings alternate the two sides (A B A B ...) and report the median, so a noisy neighbour slows both alike.
 """

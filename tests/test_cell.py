@@ -66,14 +66,20 @@ def test_no_evaluated_sample_starts_from_calibration_or_eps_noise(model_dir, tmp
     from bench.harness.seeds import calib_seed, eps_seed, sample_seed
 
     drawn: dict[int, torch.Tensor] = {}
-    real = bench.models.sampling.initial_noise
+    real, real_chunks = bench.models.sampling.initial_noise, bench.models.sampling._noise_chunks
 
     def spy(n, shape, seed):
         x = real(n, shape, seed)
         drawn[seed] = x
         return x
 
+    def spy_chunks(n, shape, seed, batch_size):  # streaming sampling draws x_T batch by batch
+        for x in real_chunks(n, shape, seed, batch_size):
+            drawn[seed] = x if seed not in drawn else torch.cat([drawn[seed], x])
+            yield x
+
     monkeypatch.setattr(bench.models.sampling, "initial_noise", spy)
+    monkeypatch.setattr(bench.models.sampling, "_noise_chunks", spy_chunks)
     model = load_model(str(model_dir))
     cell = Cell("g", model.name, "rtn", "W4A8", 3, 12, overrides={"n_samples": 6}, batch_size=4)
     row, _ = run_cell(model, cell, ArtifactCache(tmp_path), [("rtn", {"n_samples": 6})], {}, "cpu")
@@ -115,7 +121,7 @@ def test_a_cell_evaluates_with_its_fid_mode_and_statistics_and_records_them(tmp_
     import torch
 
     from bench.errors import BenchError
-    from bench.harness.cell import evaluate_cell, require_reference
+    from bench.harness.cell import CellScoring, require_reference
 
     monkeypatch.setenv("EDA_BENCH_CACHE", str(tmp_path / "cache"))
     stats = tmp_path / "ref.npz"
@@ -129,7 +135,10 @@ def test_a_cell_evaluates_with_its_fid_mode_and_statistics_and_records_them(tmp_
     require_reference(model, cell)
     images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     described: dict = {}
-    scores = evaluate_cell(images, images, model, cell, "cpu", described)
+    scoring = CellScoring(model, cell, "cpu", described)
+    scoring.add(0, images[:2])
+    scoring.add(2, images[2:])
+    scores = scoring.result()
     assert np.isfinite(scores["fid"])
     assert described["reference"].startswith("synthetic/train, precomputed ref.npz, stats ")
     assert described["reference"].endswith("mode legacy_tensorflow")

@@ -121,3 +121,33 @@ def test_budget_figure_times_every_unit_on_both_training_paths_and_restores_the_
     assert speed["ours_seconds"] == pytest.approx(fused) and target["ours_seconds"] == pytest.approx(fused)
     assert target["baseline_seconds"] == 1800 and target["ratio_kind"] == "overhead"
     assert d["slowest_unit_top_ops"] and all(0 < o["share"] <= 1 for o in d["slowest_unit_top_ops"])
+
+
+def test_memory_figure_cell_runs_and_the_page_reports_ratios_and_slope(tmp_path, monkeypatch):
+    """The measuring process's cell (shrunk to 32 x 32 here) saves every sample and reports its peak RSS; the
+    figure turns measurements into ratios to the smallest count, a slope and a verdict on the page."""
+    import torch
+
+    from bench.studies import perf_memory
+
+    monkeypatch.setattr(perf_memory, "SIDE", 32)
+    monkeypatch.setattr(perf_memory, "BATCH", 8)
+    mkldnn = torch.backends.mkldnn.enabled
+    try:
+        got = perf_memory.measure_one(perf_memory.build_model(tmp_path / "m"), 20, tmp_path / "w")
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+    assert got["status"] == "ok" and got["peak_rss_mb"] > got["rss_after_load_mb"] > 0
+    assert got["saved_mb"] * 2 ** 20 > 20 * 32 * 32 * 3  # every image, as uint8
+    fake = {1000: 900.0, 5000: 905.0, 20000: 1200.0}
+    monkeypatch.setattr(perf_memory, "measure", lambda n, folder: {
+        "n": n, "peak_rss_mb": fake[n], "seconds": 1.0, "saved_mb": 1.0, "whole_tensor_mb": 1.0, "status": "ok"})
+    monkeypatch.setattr(perf_memory, "build_model", lambda folder: folder)
+    rows = perf_memory.fig_memory(type("A", (), {"quick": False})())
+    assert [r["target_met"] for r in rows] == [True, False] and rows[1]["ratio"] == pytest.approx(1200 / 900)
+    env = {"command": "python -m bench.perf --only memory", "device": "CPU", "cpus": 2, "threads": 1,
+           "versions": {}, "git_commit": "abc", "time": "t", "load_average": 1.0}
+    perf_page.write(rows, env, tmp_path / "perf" / "perf.parquet", tmp_path / "perf.md")
+    page = (tmp_path / "perf.md").read_text()
+    assert "| 20000 | 1200 | 1.33x |" in page and "**not met**" in page
+    assert f"Slope {300 / 19000 * 1024:.2f} KB per sample" in page

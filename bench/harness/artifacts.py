@@ -110,3 +110,38 @@ class ArtifactCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self._mem = {key: obj, **{k: v for k, v in list(self._mem.items())[-7:]}}  # keep a few in memory
         return obj
+
+    def directory(self, kind: str, spec: dict, fill: Callable[[Path], None]) -> Path:
+        """A folder artifact for `spec` (FP sample shards, read back one batch at a time): `fill(folder)` writes its
+        files into a fresh temporary folder, renamed into place (with a `done.json` naming the spec) when it returns,
+        so a reader never sees half of one. A second actor waits on the lock, as for `get`."""
+        key = self.key(kind, spec)
+        d = self.root / kind
+        path = d / key
+        if (path / "done.json").is_file():
+            self.hits["disk"] += 1
+            return path
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f".{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if (path / "done.json").is_file():
+                    self.hits["disk"] += 1
+                    return path
+                import shutil
+
+                if path.exists():  # a folder without done.json: left by a crash before the rename completed
+                    shutil.rmtree(path)
+                tmp = d / f".tmp-{uuid.uuid4().hex}"
+                tmp.mkdir()
+                try:
+                    fill(tmp)
+                    (tmp / "done.json").write_text(json.dumps({"kind": kind, **spec}, default=str, indent=1))
+                    os.replace(tmp, path)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                self.hits["computed"] += 1
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return path

@@ -14,8 +14,10 @@ import resource
 import time
 import traceback
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench.harness.artifacts import ArtifactCache, model_fingerprint
@@ -30,6 +32,7 @@ from bench.metrics.names import HARNESS_METRICS, METRICS, VS_FP
 
 EPS_MSE_SAMPLES = 8  # held-out trajectories for the per-step noise-prediction error vs FP (cheap: one batched pass)
 SAMPLE_GRID = 16  # images per cell in the saved PNG sample grid
+SHARD_DTYPE = torch.float16  # cached FP samples (FPImages): half the disk of float32, ~1e-7 squared error
 
 
 def get_method(name: str):
@@ -120,16 +123,70 @@ def _eps_on_trajectory(model, unet, traj, batch_size: int, device: str, k: int) 
     return torch.cat(out)
 
 
-def fp_samples(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) -> dict:
+class FPImages:
+    """A seed's FP samples as images in [-1, 1], one .npy per sampling batch in the artifact cache, read back one
+    batch at a time: neither the FP cell nor a quantized cell pairing its samples with them holds all of them.
+    Decoded once (LDMs: the VAE runs once per FP sample, not once per cell).
+
+    Stored as float16 (SHARD_DTYPE): 50k LSUN-sized samples take 20 GB of cache instead of 39 GB in float32. The
+    rounding is at most 2^-11 of a value: a squared error of ~1e-7 per pixel against mse_vs_fp's ~1e-5 and up, and
+    in the 8-bit images the Inception metrics see it moves a pixel by one level only where the float lies within
+    5e-4 of a rounding boundary."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        meta = json.loads((path / "meta.json").read_text())
+        self.n, self.batch_size, self.seconds = int(meta["n"]), int(meta["batch_size"]), float(meta["seconds"])
+
+    def batches(self):
+        """Yields (start index, images [B, C, H, W]) in sampling order."""
+        for b, s in enumerate(range(0, self.n, self.batch_size)):
+            yield s, torch.from_numpy(np.load(self.path / f"{b:06d}.npy", allow_pickle=False)).float()
+
+    def first(self, k: int) -> torch.Tensor:
+        out = []
+        for _, x in self.batches():
+            out.append(x[:k - sum(len(o) for o in out)])
+            if sum(len(o) for o in out) >= k:
+                break
+        return torch.cat(out)
+
+
+def fp_images(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) -> FPImages:
     spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
-            "seed": sample_seed(cell.seed), "n": cell.samples, "batch_size": cell.batch_size}
+            "seed": sample_seed(cell.seed), "n": cell.samples, "batch_size": cell.batch_size,
+            "dtype": str(SHARD_DTYPE)}
+
+    def fill(folder: Path) -> None:
+        t = time.time()
+        for b, (_, x0) in enumerate(model.generate_batches(cell.samples, seed=spec["seed"],
+                                                           batch_size=cell.batch_size, device=device)):
+            np.save(folder / f"{b:06d}.npy", model.to_images(x0).to(SHARD_DTYPE).contiguous().numpy(),
+                    allow_pickle=False)
+        (folder / "meta.json").write_text(json.dumps({"n": cell.samples, "batch_size": cell.batch_size,
+                                                      "seconds": time.time() - t}))
+
+    return FPImages(cache.directory("fp_images", spec, fill))
+
+
+def fp_feature_stats(model, fp: str, cell: Cell, cache: ArtifactCache, images: FPImages, device: str,
+                     inception: bool, digits: bool) -> dict:
+    """The FP samples' feature statistics that FID vs FP and digits-FID vs FP compare with (bench.metrics.stream
+    FeatureMoments), computed once per seed and configuration and cached: a cell no longer extracts the FP samples'
+    Inception features again (minutes on CPU)."""
+    from bench.metrics.stream import FeatureMoments
+
+    spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
+            "seed": sample_seed(cell.seed), "n": cell.samples, "batch_size": cell.batch_size,
+            "inception": inception, "digits": digits, "mode": cell.fid_mode, "extractor": "fid-helper"}
 
     def compute():
-        t = time.time()
-        x0 = model.generate(cell.samples, seed=spec["seed"], batch_size=cell.batch_size, device=device)
-        return {"x0": x0, "seconds": time.time() - t}
+        fm = FeatureMoments(inception=inception, digits=digits, device=device, mode=cell.fid_mode)
+        for _, x in images.batches():
+            fm.add(x)
+        return {k: list(v) for k, v in fm.stats().items()}
 
-    return cache.get("fp_samples", spec, compute)
+    return {k: tuple(v) for k, v in cache.get("fp_feature_stats", spec, compute).items()}
 
 
 @torch.no_grad()
@@ -157,10 +214,23 @@ def mse_vs_fp(images: torch.Tensor, fp_images: torch.Tensor) -> float:
     trajectory diverge, and an arithmetic mean is dominated by those few worst samples: for EDA-DM W4A8 on digits
     (128 samples), batch 32 instead of 64 moved the arithmetic mean by 6.2% and the geometric mean by 0.8%.
     A change that affects every sample moves it by its factor; 0 when the images are the FP images."""
+    return _geo_mean([per_sample_log_mse(images, fp_images)])
+
+
+def per_sample_log_mse(images: torch.Tensor, fp_images: torch.Tensor):
+    """The log of each sample's squared error against its FP image, floored at MSE_FLOOR: a streaming cell's
+    `mse_vs_fp` is exp of their mean over every batch (`_geo_mean`). -inf for a batch equal to its FP batch, so
+    a cell equal to FP reads 0, as `mse_vs_fp` does."""
     per = ((images.float() - fp_images.float()) ** 2).flatten(1).mean(1)
-    if not per.any():
+    return per.clamp_min(MSE_FLOOR).log().double().numpy() if per.any() else np.full(len(per), -np.inf)
+
+
+def _geo_mean(log_mse: list) -> float:
+    """exp(mean log MSE) over samples; 0 when no sample differs from FP (the FP cell, a cell equal to FP)."""
+    if not log_mse:
         return 0.0
-    return float(per.clamp_min(MSE_FLOOR).log().mean().exp())
+    v = np.concatenate(log_mse)
+    return 0.0 if np.isneginf(v).all() else float(np.exp(np.where(np.isneginf(v), np.log(MSE_FLOOR), v).mean()))
 
 
 def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
@@ -170,40 +240,51 @@ def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
     return grid_png(images[:n])
 
 
-def evaluate_cell(images, fp_images, model, cell: Cell, device: str, described: dict | None = None
-                  ) -> dict[str, float]:
-    """bench.metrics.score.evaluate on the cell's metrics. The distances to FP samples are computed only when the grid
-    asks for them: fid_vs_fp needs Inception features of both sample sets (minutes on CPU), digits_fid_vs_fp only
-    the digits classifier's. For the FP cell both are 0 by definition."""
-    from bench.metrics.score import evaluate
+class CellScoring:
+    """A cell's metrics, fed batch by batch while it samples (bench.metrics.stream), so its memory does not grow
+    with the sample count. FID vs FP and digits-FID vs FP compare with the FP samples' cached statistics
+    (`fp_feature_stats`); for the FP cell both are 0 by definition."""
 
-    dataset = model.dataset
-    is_fp = cell.method == FP_METHOD
-    wanted = tuple(m for m in cell.metrics if m not in HARNESS_METRICS)
-    vs_fp = "fid_vs_fp" in cell.metrics and not is_fp
-    scores = {}
-    if wanted or vs_fp:
-        scores = evaluate(images, dataset, metrics=wanted, fp_images=fp_images if vs_fp else None, device=device,
-                          split=reference_split(model), progress=False, mode=cell.fid_mode,
-                          stats_file=cell.reference_stats, described=described)
-        if "digits_fid_vs_fp" not in cell.metrics:
-            scores.pop("digits_fid_vs_fp", None)
-    if "digits_fid_vs_fp" in cell.metrics and not is_fp and "digits_fid_vs_fp" not in scores:
-        from bench.metrics import classifier
-        from bench.metrics.distances import fid_from_features
+    def __init__(self, model, cell: Cell, device: str, described: dict | None = None):
+        from bench.metrics.stream import SampleScorer
 
-        scores["digits_fid_vs_fp"] = fid_from_features(classifier.features(images.cpu()),
-                                                       classifier.features(fp_images.cpu()))
-    if is_fp:
-        scores.update({m: 0.0 for m in VS_FP if m in cell.metrics})
-    if "clip" in cell.metrics:  # text-to-image models: CLIP score of each image against its prompt (EDA-DM Tab. 3)
-        from bench.metrics.clip_score import clip_score
+        self.model, self.cell, self.device = model, cell, device
+        self.is_fp = cell.method == FP_METHOD
+        self.wanted = tuple(m for m in cell.metrics if m not in HARNESS_METRICS)
+        self.vs_fp = "fid_vs_fp" in cell.metrics and not self.is_fp
+        self.digits_vs_fp = "digits_fid_vs_fp" in cell.metrics and not self.is_fp and model.dataset == "digits"
+        self.scorer = None
+        if self.wanted or self.vs_fp or self.digits_vs_fp:
+            self.scorer = SampleScorer(model.dataset, self.wanted, device=device, split=reference_split(model),
+                                       progress=False, mode=cell.fid_mode, stats_file=cell.reference_stats,
+                                       described=described, vs_fp=self.vs_fp, digits_vs_fp=self.digits_vs_fp)
+        self.prompts = None
+        self.clip_sum, self.n = 0.0, 0
+        if "clip" in cell.metrics:  # text-to-image models: CLIP score of each image against its prompt (EDA-DM Tab. 3)
+            if model.prompts is None:
+                raise BenchError(f"metric clip needs prompts, but model {model.name} has none; drop clip from the grid")
+            self.prompts = model.prompts(cell.samples, sample_seed(cell.seed))
 
-        if model.prompts is None:
-            raise BenchError(f"metric clip needs prompts, but model {model.name} has none; drop clip from the grid")
-        prompts = model.prompts(cell.samples, sample_seed(cell.seed))
-        scores["clip"] = float(clip_score(images, prompts, device=device)["clip"])
-    return scores
+    def add(self, start: int, images: torch.Tensor) -> None:
+        if self.scorer is not None:
+            self.scorer.add(images)
+        if self.prompts is not None:
+            from bench.metrics.clip_score import clip_score
+
+            got = clip_score(images, self.prompts[start:start + len(images)], device=self.device)
+            self.clip_sum += float(got["clip"]) * len(images)
+        self.n += len(images)
+
+    def result(self, fp_stats: dict | None = None) -> dict[str, float]:
+        scores = self.scorer.result(fp_stats) if self.scorer is not None else {}
+        for k in ("fid_vs_fp", "digits_fid_vs_fp"):
+            if k not in self.cell.metrics:
+                scores.pop(k, None)
+        if self.is_fp:
+            scores.update({m: 0.0 for m in VS_FP if m in self.cell.metrics})
+        if self.prompts is not None:
+            scores["clip"] = self.clip_sum / self.n
+        return scores
 
 
 def reference_split(model) -> str | None:
@@ -255,6 +336,60 @@ def _now():
     return datetime.now(UTC)
 
 
+def stream_samples(model, cell: Cell, fp_set: FPImages, qunet, device: str, scoring: CellScoring | None,
+                   context: dict, log: logging.Logger) -> dict:
+    """Sample the cell batch by batch (the FP cell reads the cached FP samples instead) and hand each batch to the
+    scorer, the per-sample MSE against the FP sample from the same noise, and the saved-samples file when
+    `bench.run --save-samples` asked for one. Holds one batch of images, whatever the sample count.
+    -> dict(mse_vs_fp, grid (the first SAMPLE_GRID images), sampling_seconds, scoring_seconds[, samples_file])."""
+    writer = None
+    if context.get("samples_dir"):  # bench.run --save-samples: re-scoring later needs no sampling
+        from bench.harness.samples import SamplesWriter, samples_path
+
+        writer = SamplesWriter(samples_path(context["samples_dir"], cell), cell.samples,
+                               {**cell.to_dict(), "key": cell.key, "dataset": model.dataset,
+                                "sampler": model.sampler.describe(), "git_commit": context.get("git_commit")})
+    if qunet is None:
+        source = fp_set.batches()
+    else:
+        source = ((s, model.to_images(x0)) for s, x0 in
+                  model.generate_batches(cell.samples, seed=sample_seed(cell.seed), unet=qunet,
+                                         batch_size=cell.batch_size, device=device))
+    fp_batches = fp_set.batches() if qunet is not None else None
+    log_mse: list[np.ndarray] = []
+    grid: list[torch.Tensor] = []
+    t_sample = t_score = 0.0
+    try:
+        t = time.time()
+        for start, images in source:
+            t_sample += time.time() - t
+            t = time.time()
+            if fp_batches is not None:
+                fs, fp_b = next(fp_batches)
+                if fs != start or len(fp_b) != len(images):
+                    raise BenchError(f"cached FP samples {fp_set.path} do not line up with the cell's batches; "
+                                     "delete that folder and they are recomputed")
+                log_mse.append(per_sample_log_mse(images, fp_b))
+            if scoring is not None:
+                scoring.add(start, images)
+            if writer is not None:
+                writer.add(images)
+            if sum(len(g) for g in grid) < SAMPLE_GRID:
+                grid.append(images[:SAMPLE_GRID - sum(len(g) for g in grid)].clone())
+            t_score += time.time() - t
+            t = time.time()
+        out = {"grid": torch.cat(grid), "sampling_seconds": t_sample, "scoring_seconds": t_score,
+               "mse_vs_fp": _geo_mean(log_mse)}
+        if writer is not None:
+            out["samples_file"] = str(writer.close())
+            log.info("samples saved to %s", out["samples_file"])
+        return out
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+
 def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, dict]], context: dict,
              device: str = "cpu", log: logging.Logger | None = None) -> tuple[dict, bytes | None]:
     """Run one cell on a loaded FP model. Returns (row, PNG sample grid); exceptions propagate to the caller."""
@@ -267,13 +402,15 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
     fp = model_fingerprint(model)
     torch.manual_seed(cell.seed)
 
-    ref = fp_samples(model, fp, cell, cache, device)
-    fp_images = model.to_images(ref["x0"])
-    log.info("FP samples: %d from seed %d (%.1fs when computed)", cell.samples, cell.seed, ref["seconds"])
+    fp_set = fp_images(model, fp, cell, cache, device)
+    log.info("FP samples: %d from seed %d (%.1fs when computed)", cell.samples, cell.seed, fp_set.seconds)
+    # Scoring starts before sampling: the reference statistics load now, so a bad reference fails in seconds.
+    described: dict = {}
+    scoring = CellScoring(model, cell, device, described) if cell.metrics else None
     info: dict[str, Any] = {}
+    qunet = None
     if cell.method == FP_METHOD:
-        images, qunet, traj = fp_images, None, None
-        row.update(quant_seconds=0.0, sampling_seconds=ref["seconds"], calib_size=0)
+        row.update(quant_seconds=0.0, sampling_seconds=fp_set.seconds, calib_size=0, eps_mse=0.0)
     else:
         traj = shared_trajectories(model, fp, cell, cache, requests, device)
         row["calib_seed"] = int(traj.seed)
@@ -285,14 +422,16 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         qunet = res.unet
         row["quant_seconds"] = float(info.get("quant_seconds") or time.time() - t)
         log.info("quantized with %s %s in %.1fs", cell.method, cell.bits, row["quant_seconds"])
-        t = time.time()
-        x0 = model.generate(cell.samples, seed=sample_seed(cell.seed), unet=qunet, batch_size=cell.batch_size,
-                            device=device)
-        row["sampling_seconds"] = time.time() - t
-        images = model.to_images(x0)
         row["calib_size"] = info.get("calib_size")
         alloc = info.get("allocation")
         row["allocation"] = None if alloc is None else [int(a) for a in alloc]
+    stream = stream_samples(model, cell, fp_set, qunet, device, scoring, context, log)
+    row.update(sampling_seconds=stream["sampling_seconds"] if qunet is not None else fp_set.seconds,
+               mse_vs_fp=stream["mse_vs_fp"])
+    t = time.time()
+    if stream.get("samples_file"):
+        row["samples_file"] = stream["samples_file"]
+    if qunet is not None:
         held_out = shared_eps_trajectories(model, fp, cell, cache, device)
         per_step = eps_mse_per_step(model, qunet, held_out, cell.batch_size, device,
                                     fp_eps=shared_fp_eps(model, fp, cell, cache, held_out, device))
@@ -300,32 +439,22 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row["eps_mse"] = float(sum(per_step) / len(per_step))
         log.info("noise-prediction MSE vs FP: %.4g", row["eps_mse"])
         row.update(int8_metrics(model, qunet, cell, device, log))  # integer-kernel latency (bench/harness/int8_cell.py)
-    if cell.method == FP_METHOD:
-        row["eps_mse"] = 0.0
-    row["mse_vs_fp"] = mse_vs_fp(images, fp_images)  # 0 for the FP cell: its images are the FP samples
-    t = time.time()
-    if context.get("samples_dir"):  # bench.run --save-samples: re-scoring later needs no sampling
-        from bench.harness.samples import samples_path, save_samples
-
-        path = save_samples(images, samples_path(context["samples_dir"], cell),
-                            {**cell.to_dict(), "key": cell.key, "dataset": model.dataset,
-                             "sampler": model.sampler.describe(), "git_commit": context.get("git_commit")})
-        row["samples_file"] = str(path)
-        log.info("samples saved to %s", path)
-    if cell.metrics:
-        described: dict = {}
-        scores = evaluate_cell(images, fp_images, model, cell, device, described)
+    if scoring is not None:
+        fp_stats = None
+        if scoring.vs_fp or scoring.digits_vs_fp:
+            fp_stats = fp_feature_stats(model, fp, cell, cache, fp_set, device, scoring.vs_fp, scoring.digits_vs_fp)
+        scores = scoring.result(fp_stats)
         row["reference"] = described.get("reference")  # which reference set, extractor and FID mode
         for k, v in scores.items():
             if k in METRICS:
                 row[k] = float(v)
         log.info("metrics: %s", {k: round(float(v), 4) for k, v in scores.items()})
-    row["eval_seconds"] = time.time() - t
+    row["eval_seconds"] = stream["scoring_seconds"] + time.time() - t
     row["info"] = json.dumps({"config": info.get("config"), **{k: v for k, v in info.items() if k != "config"}},
                              default=str, sort_keys=True)
     row.update(status="ok", error="", total_seconds=time.time() - t0, peak_memory_mb=peak_memory_mb(device),
                time=_now())  # when the cell finished
-    return row, sample_grid_png(images)
+    return row, sample_grid_png(stream["grid"])
 
 
 def failed_row(cell: Cell, context: dict, error: str, attempts: int = 1, seconds: float = math.nan) -> dict:

@@ -13,8 +13,9 @@ import torch
 from bench.harness import provenance
 from bench.studies.perf_figures import fig_artifacts, fig_budget, fig_cifar, fig_ray, fig_recon, fig_sampling
 from bench.studies.perf_int8 import fig_int8
+from bench.studies.perf_memory import fig_memory
 
-FIGURES = ("recon", "sampling", "artifacts", "ray", "cifar", "int8", "budget")
+FIGURES = ("recon", "sampling", "artifacts", "ray", "cifar", "int8", "budget", "memory")
 
 
 def environment(argv: list[str]) -> dict:
@@ -48,7 +49,9 @@ TITLES = {"recon": "(a) Reconstruction iteration: cached FP targets vs the offic
           "int8": "(f) Integer inference: W8A8 on int8 kernels vs FP32 and fake-quant (target: >= 1.5x FP32, CIFAR-10 "
                   "UNet call at batch 8)",
           "budget": "(g) EDA-DM W4A8 on digits at the official budget: reconstruction throughput (target: 30 min on "
-                    "2 cores)"}
+                    "2 cores)",
+          "memory": "(h) A cell's peak host memory against its sample count (target: flat, at most 1.1x from 1k to "
+                    "20k samples)"}
 
 
 def render(df, env: dict) -> str:
@@ -64,6 +67,9 @@ def render(df, env: dict) -> str:
             continue
         first = part.iloc[0]
         load = first.get("load_average", float("nan"))
+        if fig == "memory":
+            lines += render_memory(part, first, load)
+            continue
         lines += [f"## {TITLES[fig]}", "", f"Measured {first['time']} by `{first['command']}` (commit "
                   f"`{str(first['git_commit'])[:12]}`, load average {load:.1f}).", "",
                   "| case | baseline | s | ours | s | ratio | target | met |", "|---|---|---|---|---|---|---|---|"]
@@ -104,6 +110,30 @@ def render(df, env: dict) -> str:
         lines.append("")
     return "\n".join(lines)
 
+def render_memory(part, first, load) -> list[str]:
+    """Figure (h): peak RSS per sample count (MB, not seconds), the ratio to the smallest count, and the slope."""
+    d = json.loads(first.details)
+    ms = d["measurements"]
+    lines = [f"## {TITLES['memory']}", "", f"Measured {first['time']} by `{first['command']}` (commit "
+             f"`{str(first['git_commit'])[:12]}`, load average {load:.1f}). One RTN W8A8 cell per sample count, "
+             f"each in a fresh process and cache, FP samples computed in it and samples saved (--save-samples): "
+             f"a random {d['image_shape'][1]} x {d['image_shape'][2]} RGB model (LSUN's shape, 2-channel UNet, one "
+             f"DDIM step), batch {d['batch_size']}.", "",
+             "| samples | peak RSS (MB) | vs the smallest | saved .npz (MB) | whole float32 FP + quantized samples "
+             "(MB, what a cell held before streaming) | wall s |", "|---|---|---|---|---|---|"]
+    for m in ms:
+        lines.append(f"| {m['n']} | {m['peak_rss_mb']:.0f} | {m['peak_rss_mb'] / ms[0]['peak_rss_mb']:.2f}x | "
+                     f"{m['saved_mb']:.0f} | {m['whole_tensor_mb']:.0f} | {m['seconds']:.0f} |")
+    worst = max(r.ratio for r in part.itertuples())
+    met = all(bool(r.target_met) for r in part.itertuples())
+    lines += ["", f"Largest ratio {worst:.2f}x (target <= 1.1x: {'met' if met else '**not met**'}). Slope "
+              f"{d['slope_mb_per_sample'] * 1024:.2f} KB per sample between {ms[0]['n']} and {ms[-1]['n']} samples; "
+              f"extrapolated linearly to 50k samples: {d['extrapolated_50k_mb']:.0f} MB for this model. "
+              "For a real architecture add its weights (FP and quantized copies) and one batch of its activations, "
+              "which do not depend on the sample count; what a cell keeps per sample is 8 bytes (the paired log-MSE), "
+              "plus 8 KB of Inception features when the grid asks for KID or precision/recall "
+              "(bench.metrics.stream).", ""]
+    return lines
 
 
 def run(figs: list[str], args, argv: list[str], out: Path) -> None:
@@ -113,7 +143,7 @@ def run(figs: list[str], args, argv: list[str], out: Path) -> None:
     print(f"bench.perf on {env['device']}, {env['threads']} thread(s), commit {env['git_commit'][:12]}", flush=True)
     rows: list[dict] = []
     fns = {"recon": fig_recon, "sampling": fig_sampling, "artifacts": fig_artifacts, "ray": fig_ray,
-           "cifar": fig_cifar, "int8": fig_int8, "budget": fig_budget}
+           "cifar": fig_cifar, "int8": fig_int8, "budget": fig_budget, "memory": fig_memory}
     for f in figs:
         print(f"[{f}] {TITLES[f]}", flush=True)
         rows += fns[f](args)
