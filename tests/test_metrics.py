@@ -221,19 +221,3 @@ def test_clean_fid_file_layout_gives_logits(tmp_path, monkeypatch):
     monkeypatch.setattr(inception, "CLEANFID_WEIGHTS", tmp_path / "absent.pt")
     with pytest.raises(BenchError, match="clean-fid's Inception weights are missing"):
         inception.load_inception("clean-fid")
-
-
-def test_feature_memo_keeps_the_hot_fp_set(monkeypatch):
-    # A worker evaluates many cells against the same FP samples: those features must not be recomputed per cell.
-    import bench.metrics.inception
-    import bench.metrics.inception as M
-
-    calls = []
-    monkeypatch.setattr(bench.metrics.inception, "inception_features",
-                        lambda u8, *a, **k: calls.append(int(u8[0, 0, 0, 0])) or {"pool": u8.float().numpy()})
-    monkeypatch.setattr(M, "_FEATURES", M.OrderedDict())
-    fp = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    for i in range(1, 3 * M.FEATURE_CACHE_SIZE):
-        M.image_features(torch.full((2, 3, 4, 4), i, dtype=torch.uint8))  # this cell's samples
-        M.image_features(fp)  # its FP reference
-    assert calls.count(0) == 1 and len(calls) == 3 * M.FEATURE_CACHE_SIZE

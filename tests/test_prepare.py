@@ -63,9 +63,87 @@ def test_tampered_or_wrong_batches_are_one_line_errors(tmp_path, monkeypatch, ca
 
 
 def test_usage_errors(tmp_path, capsys):
-    for argv, code, msg in ((["lsun", "x"], 2, "cannot prepare 'lsun' yet"),
+    for argv, code, msg in ((["lsun", "x"], 2, "cannot prepare 'lsun'; supported: cifar10, lsun-bedroom"),
                             (["cifar10", "x", "--splits", "val"], 2, "unknown split"),
                             (["cifar10", str(tmp_path / "none.tgz")], 1, "no file at")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == code and msg in capsys.readouterr().err
+
+
+def _encoded(fmt: str, seed: int, size=(40, 30)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_lsun_lmdb_export_is_copied_in_key_order_and_resumes(tmp_path, monkeypatch, capsys):
+    import lmdb
+
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
+    src = tmp_path / "bedroom_train_lmdb"
+    blobs = {f"{k:040x}".encode(): _encoded("WEBP" if k % 2 else "JPEG", k) for k in range(6)}
+    with lmdb.open(str(src), map_size=1 << 24) as env, env.begin(write=True) as txn:  # LSUN: sha1 keys -> WebP
+        for k, v in blobs.items():
+            txn.put(k, v)
+    argv = ["lsun-bedroom", str(src), "--limit", "4", "--no-stats", "--no-progress"]
+    assert main(argv) == 0
+    files = sorted((tmp_path / "data" / "lsun-bedroom" / "train").iterdir())
+    assert [f.name for f in files] == ["0.jpg", "1.webp", "2.jpg", "3.webp"]
+    assert [f.read_bytes() for f in files] == [blobs[k] for k in sorted(blobs)][:4]  # byte for byte, no re-encoding
+    assert "lsun-bedroom/train: 4 images" in capsys.readouterr().out
+    files[2].unlink()
+    assert main(argv) == 0
+    assert "(1 written now, 3 already there)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["lsun-church", str(tmp_path / "nope"), "--no-stats", "--no-progress"])
+    assert e.value.code == 1 and "no LSUN lmdb export" in capsys.readouterr().err
+
+
+def test_imagenet_folder_or_zip_and_a_broken_file(tmp_path, monkeypatch, capsys):
+    import zipfile
+
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
+    val = tmp_path / "val"
+    for i, cls in enumerate(["n01440764", "n01443537", "n01440764"]):  # class folders, as valprep.sh leaves them
+        (val / cls).mkdir(parents=True, exist_ok=True)
+        (val / cls / f"ILSVRC2012_val_{i + 1:08d}.JPEG").write_bytes(_encoded("JPEG", i))
+    assert main(["imagenet", str(val), "--split", "val", "--no-stats", "--no-progress"]) == 0
+    out = tmp_path / "data" / "imagenet" / "val"
+    assert sorted(p.name for p in out.iterdir()) == [f"ILSVRC2012_val_{i:08d}.jpg" for i in (1, 2, 3)]
+    with zipfile.ZipFile(tmp_path / "val.zip", "w") as z:
+        for p in sorted(val.rglob("*.JPEG")):
+            z.write(p, f"ILSVRC2012_img_val/{p.name}")
+    assert main(["imagenet", str(tmp_path / "val.zip"), "--no-stats", "--no-progress", "--limit", "2"]) == 0
+    assert len(list((tmp_path / "data" / "imagenet" / "train").iterdir())) == 2  # the zoo's split by default
+    capsys.readouterr()
+    (val / "n01440764" / "ILSVRC2012_val_00000009.JPEG").write_bytes(b"\xff\xd8\xff truncated")
+    with pytest.raises(SystemExit) as e:
+        main(["imagenet", str(val), "--split", "val2", "--no-stats", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "is not a readable image" in err[0]
+
+
+def test_coco_keeps_captioned_images_and_places_the_captions(tmp_path, monkeypatch, capsys):
+    import json
+
+    from bench.models.zoo import _captions_file, read_captions
+
+    monkeypatch.setenv("EDA_BENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("EDA_BENCH_CAPTIONS", raising=False)
+    imgs = tmp_path / "val2014"
+    imgs.mkdir()
+    for i in (42, 73, 99):
+        (imgs / f"COCO_val2014_{i:012d}.jpg").write_bytes(_encoded("JPEG", i))
+    caps = {"annotations": [{"image_id": 42, "caption": "A cat on a mat."},
+                            {"image_id": 73, "caption": "Two dogs."}], "images": []}
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(caps))
+    with pytest.raises(SystemExit) as e:
+        main(["coco", str(imgs), "--no-stats", "--no-progress"])
+    assert e.value.code == 2 and "--captions" in capsys.readouterr().err
+    assert main(["coco", str(imgs), "--captions", str(tmp_path / "captions_val2014.json"), "--no-stats",
+                 "--no-progress"]) == 0
+    got = sorted(p.name for p in (tmp_path / "data" / "coco" / "val2014").iterdir())
+    assert got == ["COCO_val2014_000000000042.jpg", "COCO_val2014_000000000073.jpg"]  # 99 has no caption
+    assert read_captions(_captions_file()) == ["A cat on a mat.", "Two dogs."]  # where sd-v1-4 reads them

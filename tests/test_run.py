@@ -69,7 +69,8 @@ def test_crash_retry_failure_and_shared_artifacts(ray_session, tmp_path):  # noq
     # FP trajectories and FP samples: computed once for the whole grid, not once per cell
     cache = out / "cache"
     assert len(list((cache / "trajectories").glob("*.pt"))) == 1
-    assert len(list((cache / "fp_samples").glob("*.pt"))) == 1
+    assert len([d for d in (cache / "fp_images").iterdir() if (d / "done.json").is_file()]) == 1
+    assert not list((cache / "fp_images").glob(".tmp-*"))  # no half-written shard folder left behind
     # per-cell logs and sample grids
     assert len(list((out / "logs" / "t").rglob("*.log"))) == 8
     for rel in ok["sample_grid"]:
@@ -120,6 +121,7 @@ def test_dry_run_full_plans_offline(capsys, monkeypatch, tmp_path):
     # no CIFAR-10 images or statistics on this machine: the plan says so, and where to put them
     cifar = blocks[0].splitlines()[2]
     assert "reference data MISSING: no reference images for cifar10 (split 'train')" in cifar
+    assert "run `python -m bench.prepare cifar10 cifar-10-python.tar.gz`" in cifar  # what to prepare, by name
 
 
 def test_dry_run_counts_each_block_of_a_repeated_model(tmp_path, capsys):

@@ -157,3 +157,28 @@ def test_a_cell_streams_and_scores_what_the_whole_tensor_gives(model_dir, tmp_pa
     assert row["mse_vs_fp"] == pytest.approx(mse_vs_fp(qi, fp), rel=1e-6) and row["mse_vs_fp"] > 0
     saved, meta = load_samples(row["samples_file"])
     assert meta["key"] == cell.key and torch.equal(((saved + 1) * 127.5).round(), ((qi + 1) * 127.5).round())
+
+
+def test_fp_feature_statistics_are_extracted_once_per_seed(model_dir, tmp_path, monkeypatch):
+    # Every quantized cell of a seed compares with the same FP samples: their Inception features are extracted
+    # once (then read from the artifact cache, also by another worker process), not once per cell.
+    from bench.harness.artifacts import ArtifactCache, model_fingerprint
+    from bench.harness.cell import fp_feature_stats, fp_images
+    from bench.harness.grid import Cell
+    from bench.models import load_model
+
+    calls = []
+
+    def counting(u8, *a, **k):
+        calls.append(len(u8))
+        return _fake_features(u8)
+
+    monkeypatch.setattr("bench.metrics.inception.inception_features", counting)
+    model = load_model(str(model_dir))
+    cell = Cell("g", model.name, "rtn", "W4A8", 0, 6, batch_size=4)
+    fp = model_fingerprint(model)
+    for cache in (ArtifactCache(tmp_path), ArtifactCache(tmp_path), ArtifactCache(tmp_path)):
+        imgs = fp_images(model, fp, cell, cache, "cpu")
+        stats = fp_feature_stats(model, fp, cell, cache, imgs, "cpu", inception=True, digits=True)
+    assert calls == [4, 2]  # one pass over the two FP batches, for three cells
+    assert stats["pool"][1].shape == (48, 48) and stats["digits"][0].shape == (64,)

@@ -33,9 +33,7 @@ numbers can be compared with papers that used each pipeline:
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,20 +219,3 @@ def inception_features(images_uint8: torch.Tensor, extractor: str = "fid-helper"
     return {k: torch.cat(v).double().numpy() for k, v in chunks.items()}
 
 
-# Inception features of generated images (small in-process cache: FP samples are reused across many evaluations)
-_FEATURES: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
-FEATURE_CACHE_SIZE = 8  # a few MB per set at a few hundred images
-
-
-def image_features(u8: torch.Tensor, extractor: str = "fid-helper", device="cpu", batch_size: int = 64,
-                   progress: bool = False, desc: str = "inception", mode: str = "clean") -> dict[str, np.ndarray]:
-    """Inception features of uint8 RGB images; the last few sets are memoised by content hash (least recently used
-    evicted): a harness worker compares every cell with the FP samples of its seed, so those stay hot."""
-    key = (hashlib.sha1(u8.contiguous().numpy().tobytes()).hexdigest(), tuple(u8.shape), extractor, mode)
-    if key in _FEATURES:
-        _FEATURES.move_to_end(key)
-    else:
-        _FEATURES[key] = inception_features(u8, extractor, device, batch_size, progress, desc, mode)
-        while len(_FEATURES) > FEATURE_CACHE_SIZE:
-            _FEATURES.popitem(last=False)
-    return _FEATURES[key]

@@ -16,6 +16,7 @@ import os
 import pickle
 import tarfile
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,129 @@ def prepare_cifar10(tarball, out_root: Path, splits=("train", "test"), show_prog
                 start += len(b)
         done[split] = (total, written)
     return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LSUN (lmdb exports), ImageNet (the validation folder) and COCO (val2014 images + captions): the encoded files are
+# copied as they are (no re-encoding, so nothing is lost), each verified by decoding it once, written atomically.
+
+def _image_ext(data: bytes) -> str | None:
+    """The file type of encoded image bytes by their magic number: LSUN stores WebP (and older exports JPEG)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return ".jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ".png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return None
+
+
+def _verified(data: bytes, what: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BenchError(f"{what} is not a readable image ({type(e).__name__}); is the download complete?") from None
+
+
+def write_encoded(items, folder: Path, progress=None) -> tuple[int, int]:
+    """items: (file stem, encoded bytes) -> <folder>/<stem><ext>; files already there are kept (a rerun resumes).
+    Returns (images in the folder from these items, newly written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    total = written = 0
+    for stem, data in items:
+        ext = _image_ext(data)
+        if ext is None:
+            raise BenchError(f"{stem}: not a JPEG, PNG or WebP image; expected the dataset's image files")
+        path = folder / f"{stem}{ext}"
+        if not path.is_file():
+            _verified(data, stem)
+            tmp = folder / f".{stem}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            written += 1
+        total += 1
+        if progress is not None:
+            progress.update(1)
+    return total, written
+
+
+def lsun_items(source: str | os.PathLike, limit: int):
+    """(index stem, bytes) of the first `limit` images of an LSUN lmdb export (the folder holding data.mdb, as
+    `bedroom_train_lmdb.zip` unpacks), in key order."""
+    p = Path(source)
+    if p.is_file() and p.name == "data.mdb":
+        p = p.parent
+    if not (p / "data.mdb").is_file():
+        raise BenchError(f"no LSUN lmdb export at {p} (expected a folder with data.mdb, e.g. bedroom_train_lmdb/ "
+                         "from LSUN's bedroom_train_lmdb.zip, unzipped)")
+    try:
+        import lmdb
+    except ImportError:
+        raise BenchError("reading LSUN's lmdb export needs the lmdb package: pip install lmdb "
+                         "(or pip install -e '.[data]')") from None
+    try:
+        env = lmdb.open(str(p), readonly=True, lock=False, readahead=False, max_readers=1, subdir=True)
+    except lmdb.Error as e:
+        raise BenchError(f"could not open the lmdb export {p} ({type(e).__name__}: {e})") from None
+    width = len(str(max(limit - 1, 0)))
+    with env, env.begin(write=False) as txn:
+        for i, (_, value) in enumerate(txn.cursor()):
+            if i >= limit:
+                break
+            yield f"{i:0{width}d}", bytes(value)
+
+
+def folder_items(source: str | os.PathLike, limit: int | None = None, keep=None):
+    """(file stem, bytes) of the image files of a folder (recursively) or a .zip, in sorted path order; `keep(stem)`
+    filters. Stems are the file names without extension (ILSVRC2012_val_00000001, COCO_val2014_000000000042)."""
+    from bench.metrics.reference import IMAGE_EXTENSIONS
+
+    p = Path(source)
+    n = 0
+    if p.is_dir():
+        for f in sorted(x for x in p.rglob("*") if x.suffix.lower() in IMAGE_EXTENSIONS):
+            if keep is None or keep(f.stem):
+                yield f.stem, f.read_bytes()
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+        return
+    if not p.is_file():
+        raise BenchError(f"no folder or .zip at {p}")
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = sorted(m for m in z.namelist() if Path(m).suffix.lower() in IMAGE_EXTENSIONS)
+            for m in names:
+                if keep is None or keep(Path(m).stem):
+                    yield Path(m).stem, z.read(m)
+                    n += 1
+                    if limit is not None and n >= limit:
+                        return
+    except zipfile.BadZipFile:
+        raise BenchError(f"{p} is neither a folder nor a readable .zip of images") from None
+
+
+def coco_captions(path: str | os.PathLike) -> dict:
+    """captions_val2014.json (or annotations_trainval2014.zip holding it) -> the parsed JSON, checked."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise BenchError(f"no captions file at {p}; download annotations_trainval2014.zip from cocodataset.org and "
+                         "pass it (or the captions_val2014.json inside) with --captions")
+    try:
+        if p.suffix == ".zip":
+            with zipfile.ZipFile(p) as z:
+                member = next((m for m in z.namelist() if m.endswith("captions_val2014.json")), None)
+                if member is None:
+                    raise BenchError(f"{p} holds no annotations/captions_val2014.json")
+                data = json.loads(z.read(member))
+        else:
+            data = json.loads(p.read_text())
+        ids = {int(a["image_id"]) for a in data["annotations"] if str(a["caption"]).strip()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+        raise BenchError(f"{p} is not a COCO captions file (expected annotations[].image_id and .caption)") from None
+    return {"data": data, "image_ids": ids}

@@ -25,7 +25,6 @@ import torch
 
 from bench.errors import BenchError
 from bench.metrics.data import to_uint8_rgb
-from bench.metrics.inception import image_features
 from bench.metrics.names import ALL_METRICS, DIGITS_METRICS, INCEPTION_METRICS, check_requests
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -44,35 +43,50 @@ def _reference_folder(dataset: str, split: str, reference_dir) -> Path:
     return Path(reference_dir) if reference_dir is not None else data_dir() / dataset / split
 
 
+PREPARE_HINTS = {  # what `python -m bench.prepare` turns into the reference folder
+    "cifar10": "python -m bench.prepare cifar10 cifar-10-python.tar.gz",
+    "lsun-bedroom": "python -m bench.prepare lsun-bedroom bedroom_train_lmdb/",
+    "lsun-church": "python -m bench.prepare lsun-church church_outdoor_train_lmdb/",
+    "imagenet": "python -m bench.prepare imagenet ILSVRC2012_img_val/",
+    "coco": "python -m bench.prepare coco val2014/ --captions annotations_trainval2014.zip",
+}
+
+
 def _no_reference_images(dataset: str, split: str, folder: Path) -> str:
-    return (f"no reference images for {dataset} (split {split!r}) in {folder}; put the image files "
+    how = f"run `{PREPARE_HINTS[dataset]}`, or " if dataset in PREPARE_HINTS else ""
+    return (f"no reference images for {dataset} (split {split!r}) in {folder}; {how}put the image files "
             f"(PNG/JPEG) there or set EDA_BENCH_DATA to a folder holding {dataset}/{split}/ "
             f"(bench.evaluate also takes --reference-dir)")
 
 
-def _reference_images(dataset: str, split: str, res: int, reference_dir: str | os.PathLike | None) -> torch.Tensor:
-    """uint8 RGB [N, 3, res, res] of the reference set."""
+REFERENCE_CHUNK = 1000  # reference images decoded, resized and featurised at a time (50k LSUN images: 9.8 GB whole)
+
+
+def _reference_chunks(dataset: str, split: str, res: int, reference_dir: str | os.PathLike | None):
+    """uint8 RGB [<= REFERENCE_CHUNK, 3, res, res] chunks of the reference set, in sorted file order."""
     if dataset == "digits":
         from bench.metrics.data import load_digits_split
 
-        return to_uint8_rgb(load_digits_split(split, res)[0])
+        yield to_uint8_rgb(load_digits_split(split, res)[0])
+        return
     folder = _reference_folder(dataset, split, reference_dir)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
     if not files:
         raise BenchError(_no_reference_images(dataset, split, folder))
     from PIL import Image
 
-    out = []
-    for p in files:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            side = min(im.size)  # centre crop to a square, then bicubic to the generated resolution
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side))
-            if side != res:
-                im = im.resize((res, res), Image.BICUBIC)
-            out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-    return torch.stack(out)
+    for s in range(0, len(files), REFERENCE_CHUNK):
+        out = []
+        for p in files[s:s + REFERENCE_CHUNK]:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                side = min(im.size)  # centre crop to a square, then bicubic to the generated resolution
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side))
+                if side != res:
+                    im = im.resize((res, res), Image.BICUBIC)
+                out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+        yield torch.stack(out)
 
 
 def _stats_key(dataset: str, split: str, extractor: str, res: int, reference_dir, mode: str = "clean") -> str:
@@ -154,11 +168,20 @@ def _reference_stats(path: Path, dataset: str, split: str, res: int, extractor: 
                 return {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated/foreign: recompute
             warnings.warn(f"recomputing unreadable reference statistics {path} ({type(e).__name__})", stacklevel=2)
-    u8 = _reference_images(dataset, split, res, reference_dir)
-    f = image_features(u8, extractor, device, batch_size, progress, desc=f"reference {dataset}/{split}", mode=mode)
-    stats = {"mu": f["pool"].mean(0), "sigma": np.cov(f["pool"], rowvar=False), "pool": f["pool"].astype(np.float32)}
-    if "spatial" in f:  # not in legacy_pytorch mode
-        stats.update(spatial_mu=f["spatial"].mean(0), spatial_sigma=np.cov(f["spatial"], rowvar=False))
+    from bench.metrics.inception import inception_features
+    from bench.metrics.stream import Moments
+
+    pools, spatial = [], Moments()  # chunk by chunk: the images are never all in memory, the pool features are
+    for u8 in _reference_chunks(dataset, split, res, reference_dir):
+        f = inception_features(u8, extractor, device, batch_size, progress, desc=f"reference {dataset}/{split}",
+                               mode=mode)
+        pools.append(f["pool"].astype(np.float32))
+        if "spatial" in f:  # not in legacy_pytorch mode
+            spatial.add(f["spatial"])
+    pool = np.concatenate(pools).astype(np.float64)
+    stats = {"mu": pool.mean(0), "sigma": np.cov(pool, rowvar=False), "pool": pool.astype(np.float32)}
+    if spatial.n:
+        stats.update(zip(("spatial_mu", "spatial_sigma"), spatial.gaussian()))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **stats)
