@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rerun cells already in the store (default: skip them)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, model availability and the resources it would ask for; run nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --dry-run: time each available model's UNet here (GPU when visible) and print the "
+                        "device-hours of its cells still to run (sampling, calibration, reconstruction upper bound)")
     p.add_argument("--max-workers", type=int, default=None,
                    help="at most this many actors (default: one per GPU / GPU fraction, else one per CPU slot)")
     p.add_argument("--gpus-per-worker", type=float, default=None,

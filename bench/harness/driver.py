@@ -40,16 +40,41 @@ def run_grid(args) -> int:
 
         raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected some of {', '.join(available_models())} "
                          "or a local directory saved with save_pretrained")
+    if getattr(args, "estimate", False) and not args.dry_run:
+        raise UsageError("--estimate goes with --dry-run (it plans; it runs nothing)")
     if args.dry_run:
         here = local_resources()
         print_plan(grid, cells, todo, status, resources(grid, args, here), "Ray is not started by a dry run",
                    {m: resources(grid, args, here, m) for m in grid.model_names() if m in grid.model_resources})
+        if getattr(args, "estimate", False):
+            print_estimates(todo, status, {m: resources(grid, args, here, m)["cpus_per_worker"]
+                                           for m in grid.model_names()})
         return 0
     if not todo:
         print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(out)}; use --no-resume to rerun")
         return 0
     return execute_plan(grid, cells, todo, status, args, out)
 
+
+
+def print_estimates(todo: list, status: dict, threads: dict) -> None:
+    """--dry-run --estimate: per available model, device-hours of its cells still to run (bench.harness.estimate)."""
+    import torch
+
+    from bench.harness.estimate import estimate_line, estimate_model
+    from bench.models.registry import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"\nestimates (measured on {device}; an upper bound for budget = \"converged\"):")
+    for name in dict.fromkeys(c.model for c in todo):
+        ok, why = status[name]
+        if not ok:
+            print(f"model {name}: not available here, no estimate ({why})")
+            continue
+        cells = [c for c in todo if c.model == name]
+        requests = [tuple(p) for ps in calibration_requests(cells).values() for p in ps]
+        est = estimate_model(load_model(name), cells, requests, device, threads=int(threads.get(name, 1)))
+        print(f"model {name}:\n" + estimate_line(name, est, device), flush=True)
 
 
 def start_ray(address: str | None, runtime_env_json: str | None = None):
