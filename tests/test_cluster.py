@@ -178,3 +178,96 @@ def test_bench_run_joins_a_running_cluster_and_ships_the_code(tmp_path):
     # imported from Ray's unpacked py_modules, not from this checkout nor an installed eda-bench
     assert all("py_modules_files" in f and not f.startswith(str(REPO)) for f in info["code"]), info["code"]
     assert row["node_id"] and row["host"]
+
+
+CLUSTER = """
+import sys
+from ray.cluster_utils import Cluster
+from ray._raylet import AuthenticationMode, get_authentication_mode
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+workers = [cluster.add_node(num_cpus=1) for _ in range(2)]  # two worker nodes, one actor slot each
+cluster.wait_for_nodes()
+token = get_authentication_mode() == AuthenticationMode.TOKEN
+print(cluster.address, "token" if token else "", flush=True)
+for line in sys.stdin:
+    if line.strip() == "kill":
+        cluster.remove_node(workers[1], allow_graceful=False)  # a node lost mid-grid: its raylet and workers die
+        print("killed", workers[1].node_id, flush=True)
+cluster.shutdown()
+"""
+
+
+def test_multi_node_cluster_spreads_cells_and_survives_a_lost_node(tmp_path):
+    """A real three-node Ray cluster (ray.cluster_utils.Cluster: a head without CPUs and two one-slot worker nodes)
+    joined through RAY_ADDRESS: a grid's rows come from both worker nodes; a worker node killed mid-grid loses no
+    finished cell, and the grid completes on the remaining node."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from bench.harness.store import read_runs
+    from tests.test_run import write_grid
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS") and
+             not k.startswith("EDA_BENCH_")}
+    env0 = {**clean, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    head = subprocess.Popen([sys.executable, "-c", CLUSTER], cwd=tmp_path, env=env0, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address, _, auth = head.stdout.readline().strip().partition(" ")
+        assert address, "the cluster process did not start"
+        env = {**env0, "RAY_ADDRESS": address}
+        if auth == "token":
+            env["RAY_AUTH_MODE"] = "token"
+        cmd = [sys.executable, "-m", "bench.run", "--out", str(tmp_path / "out"), "--no-progress",
+               "--runtime-env-json", json.dumps({"py_modules": [str(REPO / "tests")]})]
+        # 1) both worker nodes run cells
+        (tmp_path / "a").mkdir()
+        grid_a = write_grid(tmp_path / "a", ["test-ok"], bits=("W8A8", "W4A8"), seeds=(0, 1), metrics=())
+        rc = subprocess.run([*cmd, "--grid", grid_a], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+        assert rc.returncode == 0, rc.stderr[-3000:]
+        rows_a = read_runs(tmp_path / "out" / "runs", grid="t")
+        assert len(rows_a) == 4 and (rows_a.status == "ok").all()
+        assert rows_a.node_id.nunique() == 2, rows_a.node_id.tolist()
+        # 2) a worker node dies after the first cell of another grid has finished
+        (tmp_path / "b").mkdir()
+        grid_b = write_grid(tmp_path / "b", ["test-ok"], bits=("W8A8", "W6A6", "W4A8"), seeds=(2, 3, 4),
+                            metrics=())
+        text = open(grid_b).read().replace('name = "t"', 'name = "t2"')
+        open(grid_b, "w").write(text)
+        run_b = subprocess.Popen([*cmd, "--grid", grid_b], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        b_rows = tmp_path / "out" / "runs" / "grid=t2"
+
+        def finished():  # rows in the store (a row is written to a dot-named temp file, then renamed)
+            return {p.name for p in b_rows.rglob("*.parquet") if not p.name.startswith(".")}
+
+        while not finished() and time.time() < deadline and run_b.poll() is None:
+            time.sleep(0.2)
+        finished_before = finished()
+        assert finished_before and run_b.poll() is None, "the grid ended before a node could be killed"
+        head.stdin.write("kill\n")
+        head.stdin.flush()
+        said, _, killed_node = head.stdout.readline().strip().partition(" ")
+        assert said == "killed" and killed_node
+        import pandas as pd
+
+        killed_at = pd.Timestamp.now(tz="UTC")
+        out, err = run_b.communicate(timeout=600)
+        assert run_b.returncode == 0, err[-3000:]
+    finally:
+        head.stdin.close()
+        head.wait(timeout=120)
+    rows_b = read_runs(tmp_path / "out" / "runs", grid="t2")
+    assert len(rows_b) == 9 and (rows_b.status == "ok").all()  # every cell, none lost or failed
+    assert finished_before <= finished()  # finished cells kept as written
+    done_at = pd.to_datetime(rows_b.time, utc=True)
+    later = rows_b[done_at > killed_at]
+    survivor = (set(rows_a.node_id) - {killed_node}).pop()
+    assert killed_node in set(rows_a.node_id) and survivor in set(later.node_id)  # the survivor went on
+    # a worker process may finish the cell it was on as its raylet dies; none finishes seconds later
+    assert killed_node not in set(rows_b[done_at > killed_at + pd.Timedelta(seconds=5)].node_id)

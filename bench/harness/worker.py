@@ -321,7 +321,9 @@ class Dispatcher:
     def run(self, cells: list[Cell]) -> None:
         for c in cells:
             self.pending.push(c)
-        while len(self.pending) or self.inflight:
+        while len(self.pending) or any(cell is not None for _, cell in self.inflight.values()):
+            # Only pings left in flight and nothing to run: done. A replacement actor for a lost node may never be
+            # scheduled (the surviving nodes' slots are taken), and waiting for its ping would never end.
             self._submit()
             if not self.inflight:
                 continue
