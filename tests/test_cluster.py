@@ -223,9 +223,16 @@ def test_multi_node_cluster_spreads_cells_and_survives_a_lost_node(tmp_path):
             env["RAY_AUTH_MODE"] = "token"
         cmd = [sys.executable, "-m", "bench.run", "--out", str(tmp_path / "out"), "--no-progress",
                "--runtime-env-json", json.dumps({"py_modules": [str(REPO / "tests")]})]
-        # 1) both worker nodes run cells
+        # 0) the dry run asks every node what it has
         (tmp_path / "a").mkdir()
         grid_a = write_grid(tmp_path / "a", ["test-ok"], bits=("W8A8", "W4A8"), seeds=(0, 1), metrics=())
+        dry = subprocess.run([*cmd, "--grid", grid_a, "--dry-run"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        nodes = dry.stdout.split("nodes (each checked where its cells would run):")[1].strip().splitlines()
+        assert len(nodes) == 3 and all(ln.endswith("available test-tiny") for ln in nodes), dry.stdout
+        assert "[available: on 3 of 3 node(s)" in dry.stdout
+        # 1) both worker nodes run cells
         rc = subprocess.run([*cmd, "--grid", grid_a], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
         assert rc.returncode == 0, rc.stderr[-3000:]
@@ -271,3 +278,22 @@ def test_multi_node_cluster_spreads_cells_and_survives_a_lost_node(tmp_path):
     assert killed_node in set(rows_a.node_id) and survivor in set(later.node_id)  # the survivor went on
     # a worker process may finish the cell it was on as its raylet dies; none finishes seconds later
     assert killed_node not in set(rows_b[done_at > killed_at + pd.Timedelta(seconds=5)].node_id)
+
+
+def test_availability_merges_what_the_nodes_answer():
+    from bench.harness.probe import merge_models, merge_refs, node_lines
+
+    probes = [{"node_id": "aaaa1111", "host": "login", "models": {"m": [False, "weights missing"], "n": [False, "x"]},
+               "refs": [[False, "no cifar10"]]},
+              {"node_id": "bbbb2222", "host": "gpu1", "models": {"m": [True, "cached"], "n": [False, "not here"]},
+               "refs": [[True, ""]]},
+              {"node_id": "cccc3333", "host": "gpu2", "error": "no answer in 120s"}]
+    status = merge_models(probes, ["m", "n"])
+    assert status["m"] == (True, "on 1 of 3 node(s) (gpu1)")  # the login node's missing weights do not matter
+    assert status["n"] == (False, "on none of the 3 node(s): x")
+    assert merge_refs(probes, 1) == [(True, "on 1 of 3 node(s) (gpu1)")]
+    lines = node_lines(probes, ["m", "n"])
+    assert lines[0] == "  node gpu1 (bbbb2222): available m; missing n (not here)"
+    assert lines[1] == "  node gpu2 (cccc3333): no answer in 120s"
+    assert lines[2].startswith("  node login (aaaa1111): available -; missing m (weights missing)")
+    assert merge_models([probes[2]], ["m"])["m"] == (False, "no node of the cluster answered the availability probe")

@@ -33,27 +33,59 @@ def run_grid(args) -> int:
     todo = [c for c in cells if c.key not in done]
     check_methods(grid)
     check_metrics(grid)
-    status = {b["name"]: model_status(b["name"]) for b in grid.models}
-    unknown = [m for m, (ok, why) in status.items() if why.startswith("not registered")]
-    if unknown:
-        from bench.models.registry import available_models
-
-        raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected some of {', '.join(available_models())} "
-                         "or a local directory saved with save_pretrained")
     if getattr(args, "estimate", False) and not args.dry_run:
         raise UsageError("--estimate goes with --dry-run (it plans; it runs nothing)")
-    if args.dry_run:
-        here = local_resources()
-        print_plan(grid, cells, todo, status, resources(grid, args, here), "Ray is not started by a dry run",
-                   {m: resources(grid, args, here, m) for m in grid.model_names() if m in grid.model_resources})
-        if getattr(args, "estimate", False):
-            print_estimates(todo, status, {m: resources(grid, args, here, m)["cpus_per_worker"]
-                                           for m in grid.model_names()})
-        return 0
-    if not todo:
-        print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(out)}; use --no-resume to rerun")
-        return 0
-    return execute_plan(grid, cells, todo, status, args, out)
+    status = {b["name"]: model_status(b["name"]) for b in grid.models}
+    from bench.harness.cluster import resolve_address
+
+    probes, ref_status, started = None, None, False
+    try:
+        if not resolve_address(args.address, os.environ).local and (todo or args.dry_run):
+            # on a cluster, ask the nodes (the driver may be a login node without weights or data)
+            started = start_ray(args.address, getattr(args, "runtime_env_json", None))
+            status, probes, ref_status = probe_cluster(grid, todo, args)
+        unknown = [m for m, (ok, why) in status.items() if not ok and "not registered" in why]
+        if unknown:
+            from bench.models.registry import available_models
+
+            raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected some of "
+                             f"{', '.join(available_models())} or a local directory saved with save_pretrained")
+        if args.dry_run:
+            here = local_resources()
+            print_plan(grid, cells, todo, status, resources(grid, args, here),
+                       "Ray is not started by a dry run" if probes is None else "the cluster was only probed",
+                       {m: resources(grid, args, here, m) for m in grid.model_names() if m in grid.model_resources})
+            if probes is not None:
+                from bench.harness.probe import node_lines
+
+                print("\nnodes (each checked where its cells would run):")
+                print("\n".join(node_lines(probes, list(dict.fromkeys(grid.model_names())))))
+            if getattr(args, "estimate", False):
+                print_estimates(todo, status, {m: resources(grid, args, here, m)["cpus_per_worker"]
+                                               for m in grid.model_names()})
+            return 0
+        if not todo:
+            print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(out)}; use --no-resume to "
+                  "rerun")
+            return 0
+        return execute_plan(grid, cells, todo, status, args, out, ref_status)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def probe_cluster(grid: Grid, todo: list, args) -> tuple[dict, list, dict]:
+    """(model status, per-node probes, reference status per (model, metrics)) from the nodes of the cluster."""
+    from bench.harness.probe import merge_models, merge_refs, probe_nodes
+
+    reps: dict = {}
+    for c in todo:
+        reps.setdefault((c.model, c.metrics), c)
+    models = list(dict.fromkeys(grid.model_names()))
+    probes = probe_nodes(models, list(reps.values()), grid.imports + args.imports)
+    return merge_models(probes, models), probes, dict(zip(reps, merge_refs(probes, len(reps))))
 
 
 
@@ -106,7 +138,9 @@ def start_ray(address: str | None, runtime_env_json: str | None = None):
     return True
 
 
-def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
+def execute_plan(grid: Grid, cells, todo, status, args, out: Path, ref_status: dict | None = None) -> int:
+    """Run the cells still to do. `ref_status` ((model, metrics) -> (ok, why)), when a cluster was probed, replaces
+    the driver's own reference-data check."""
     import ray
 
     from bench.harness.artifacts import cache_root
@@ -131,7 +165,7 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path) -> int:
     remove_stale_temps(runs_dir(out))
     # fail fast, per model, for models whose weights or reference data are not here (offline machine, missing
     # download), before Ray starts and before any sampling
-    runnable, refs = [], {}
+    runnable, refs = [], dict(ref_status or {})
     for c in todo:
         ok, why = status[c.model]
         msg = f"model {c.model} is unavailable: {why}"
