@@ -137,7 +137,8 @@ def test_memory_figure_cell_runs_and_the_page_reports_ratios_and_slope(tmp_path,
         got = perf_memory.measure_one(perf_memory.build_model(tmp_path / "m"), 20, tmp_path / "w")
     finally:
         torch.backends.mkldnn.enabled = mkldnn
-    assert got["status"] == "ok" and got["peak_rss_mb"] > got["rss_after_load_mb"] > 0
+    # ru_maxrss is the process's lifetime peak: in a test process an earlier test may have set it
+    assert got["status"] == "ok" and got["peak_rss_mb"] >= got["rss_after_load_mb"] > 0
     assert got["saved_mb"] * 2 ** 20 > 20 * 32 * 32 * 3  # every image, as uint8
     fake = {1000: 900.0, 5000: 905.0, 20000: 1200.0}
     monkeypatch.setattr(perf_memory, "measure", lambda n, folder: {

@@ -1,5 +1,5 @@
 """Distances between feature sets: the Fréchet distance (FID, sFID, digits-FID), KID, improved precision/recall and
-the Inception Score. Pure functions of feature arrays; the extractors that produce them are bench.metrics.inception
+the Inception Score; `Moments`, the running mean and covariance a streamed feature set is summarised by. Pure functions of feature arrays; the extractors that produce them are bench.metrics.inception
 and bench.metrics.classifier.
 
 The Fréchet distance is clean-fid's formula computed with symmetric eigendecompositions (10x faster than its sqrtm on
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.errors import BenchError
+from bench.errors import BenchError, UsageError
 
 PR_K = 3  # Kynkäänniemi et al. 2019, k = 3 nearest neighbours
 IS_SPLITS = 10  # Salimans et al. 2016 / the TF reference code
@@ -115,3 +115,34 @@ def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> float:
         kl = (part * (torch.log(part + 1e-12) - torch.log(py + 1e-12))).sum(1).mean()
         scores.append(float(torch.exp(kl)))
     return float(np.mean(scores))
+
+
+class Moments:
+    """Running mean and covariance of feature rows (float64). The rows are shifted by the first batch's mean before
+    they are summed, so the second moment does not cancel catastrophically when the features sit far from zero.
+    `gaussian()` matches `np.mean(f, 0), np.cov(f, rowvar=False)` of all rows to float64 rounding."""
+
+    def __init__(self):
+        self.n = 0
+        self.shift = self.s1 = self.s2 = None
+
+    def add(self, f) -> None:
+        f = np.asarray(f, dtype=np.float64)
+        if f.ndim != 2 or not len(f):
+            return
+        if self.shift is None:
+            self.shift = f.mean(0)
+            self.s1 = np.zeros_like(self.shift)
+            self.s2 = np.zeros((f.shape[1], f.shape[1]))
+        d = f - self.shift
+        self.s1 += d.sum(0)
+        with _one_blas_thread():
+            self.s2 += d.T @ d
+        self.n += len(f)
+
+    def gaussian(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise UsageError(f"need at least 2 images to compare distributions, got {self.n}")
+        m = self.s1 / self.n
+        cov = (self.s2 - self.n * np.outer(m, m)) / (self.n - 1)
+        return self.shift + m, np.atleast_2d((cov + cov.T) / 2)

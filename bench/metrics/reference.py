@@ -169,7 +169,7 @@ def _reference_stats(path: Path, dataset: str, split: str, res: int, extractor: 
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated/foreign: recompute
             warnings.warn(f"recomputing unreadable reference statistics {path} ({type(e).__name__})", stacklevel=2)
     from bench.metrics.inception import inception_features
-    from bench.metrics.stream import Moments
+    from bench.metrics.distances import Moments
 
     pools, spatial = [], Moments()  # chunk by chunk: the images are never all in memory, the pool features are
     for u8 in _reference_chunks(dataset, split, res, reference_dir):

@@ -26,39 +26,8 @@ import torch
 
 from bench.errors import UsageError
 from bench.metrics.data import to_uint8_rgb
-from bench.metrics.distances import _one_blas_thread, frechet, inception_score, kid, precision_recall
+from bench.metrics.distances import Moments, frechet, inception_score, kid, precision_recall
 from bench.metrics.names import ALL_METRICS, DIGITS_METRICS, INCEPTION_METRICS, check_requests
-
-
-class Moments:
-    """Running mean and covariance of feature rows (float64). The rows are shifted by the first batch's mean before
-    they are summed, so the second moment does not cancel catastrophically when the features sit far from zero.
-    `gaussian()` matches `np.mean(f, 0), np.cov(f, rowvar=False)` of all rows to float64 rounding."""
-
-    def __init__(self):
-        self.n = 0
-        self.shift = self.s1 = self.s2 = None
-
-    def add(self, f) -> None:
-        f = np.asarray(f, dtype=np.float64)
-        if f.ndim != 2 or not len(f):
-            return
-        if self.shift is None:
-            self.shift = f.mean(0)
-            self.s1 = np.zeros_like(self.shift)
-            self.s2 = np.zeros((f.shape[1], f.shape[1]))
-        d = f - self.shift
-        self.s1 += d.sum(0)
-        with _one_blas_thread():
-            self.s2 += d.T @ d
-        self.n += len(f)
-
-    def gaussian(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.n < 2:
-            raise UsageError(f"need at least 2 images to compare distributions, got {self.n}")
-        m = self.s1 / self.n
-        cov = (self.s2 - self.n * np.outer(m, m)) / (self.n - 1)
-        return self.shift + m, np.atleast_2d((cov + cov.T) / 2)
 
 
 def _inception(u8: torch.Tensor, extractor: str, device, batch_size: int, mode: str) -> dict[str, np.ndarray]:
