@@ -143,19 +143,14 @@ class FPImages:
         for b, s in enumerate(range(0, self.n, self.batch_size)):
             yield s, torch.from_numpy(np.load(self.path / f"{b:06d}.npy", allow_pickle=False)).float()
 
-    def first(self, k: int) -> torch.Tensor:
-        out = []
-        for _, x in self.batches():
-            out.append(x[:k - sum(len(o) for o in out)])
-            if sum(len(o) for o in out) >= k:
-                break
-        return torch.cat(out)
+def _fp_images_spec(model, fp: str, cell: Cell) -> dict:
+    return {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
+            "seed": sample_seed(cell.seed), "n": cell.samples, "batch_size": cell.batch_size,
+            "dtype": str(SHARD_DTYPE)}
 
 
 def fp_images(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) -> FPImages:
-    spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
-            "seed": sample_seed(cell.seed), "n": cell.samples, "batch_size": cell.batch_size,
-            "dtype": str(SHARD_DTYPE)}
+    spec = _fp_images_spec(model, fp, cell)
 
     def fill(folder: Path) -> None:
         t = time.time()
@@ -176,9 +171,9 @@ def fp_feature_stats(model, fp: str, cell: Cell, cache: ArtifactCache, images: F
     Inception features again (minutes on CPU)."""
     from bench.metrics.stream import FeatureMoments
 
-    spec = {"model": model.name, "fingerprint": fp, "sampler": model.sampler.describe(),
-            "seed": sample_seed(cell.seed), "n": cell.samples, "batch_size": cell.batch_size,
-            "inception": inception, "digits": digits, "mode": cell.fid_mode, "extractor": "fid-helper"}
+    # the FP images' own spec (their shard dtype included: the statistics are computed from the shards)
+    spec = {**_fp_images_spec(model, fp, cell), "inception": inception, "digits": digits, "mode": cell.fid_mode,
+            "extractor": "fid-helper"}
 
     def compute():
         fm = FeatureMoments(inception=inception, digits=digits, device=device, mode=cell.fid_mode)
@@ -214,23 +209,22 @@ def mse_vs_fp(images: torch.Tensor, fp_images: torch.Tensor) -> float:
     trajectory diverge, and an arithmetic mean is dominated by those few worst samples: for EDA-DM W4A8 on digits
     (128 samples), batch 32 instead of 64 moved the arithmetic mean by 6.2% and the geometric mean by 0.8%.
     A change that affects every sample moves it by its factor; 0 when the images are the FP images."""
-    return _geo_mean([per_sample_log_mse(images, fp_images)])
+    return _geo_mean([per_sample_mse(images, fp_images)])
 
 
-def per_sample_log_mse(images: torch.Tensor, fp_images: torch.Tensor):
-    """The log of each sample's squared error against its FP image, floored at MSE_FLOOR: a streaming cell's
-    `mse_vs_fp` is exp of their mean over every batch (`_geo_mean`). -inf for a batch equal to its FP batch, so
-    a cell equal to FP reads 0, as `mse_vs_fp` does."""
-    per = ((images.float() - fp_images.float()) ** 2).flatten(1).mean(1)
-    return per.clamp_min(MSE_FLOOR).log().double().numpy() if per.any() else np.full(len(per), -np.inf)
+def per_sample_mse(images: torch.Tensor, fp_images: torch.Tensor) -> np.ndarray:
+    """Each sample's squared error against its FP image: a streaming cell keeps these (4 bytes per sample) and
+    `_geo_mean` turns them into `mse_vs_fp`."""
+    return ((images.float() - fp_images.float()) ** 2).flatten(1).mean(1).numpy()
 
 
-def _geo_mean(log_mse: list) -> float:
-    """exp(mean log MSE) over samples; 0 when no sample differs from FP (the FP cell, a cell equal to FP)."""
-    if not log_mse:
+def _geo_mean(per_sample: list) -> float:
+    """exp(mean log MSE) over samples, each floored at MSE_FLOOR; 0 when no sample differs from FP (the FP cell, a
+    cell equal to FP)."""
+    per = torch.from_numpy(np.concatenate(per_sample)) if per_sample else torch.zeros(0)
+    if not per.any():
         return 0.0
-    v = np.concatenate(log_mse)
-    return 0.0 if np.isneginf(v).all() else float(np.exp(np.where(np.isneginf(v), np.log(MSE_FLOOR), v).mean()))
+    return float(per.clamp_min(MSE_FLOOR).log().double().mean().exp())
 
 
 def sample_grid_png(images: torch.Tensor, n: int = SAMPLE_GRID) -> bytes:
@@ -356,7 +350,7 @@ def stream_samples(model, cell: Cell, fp_set: FPImages, qunet, device: str, scor
                   model.generate_batches(cell.samples, seed=sample_seed(cell.seed), unet=qunet,
                                          batch_size=cell.batch_size, device=device))
     fp_batches = fp_set.batches() if qunet is not None else None
-    log_mse: list[np.ndarray] = []
+    per_mse: list[np.ndarray] = []
     grid: list[torch.Tensor] = []
     t_sample = t_score = 0.0
     try:
@@ -369,7 +363,7 @@ def stream_samples(model, cell: Cell, fp_set: FPImages, qunet, device: str, scor
                 if fs != start or len(fp_b) != len(images):
                     raise BenchError(f"cached FP samples {fp_set.path} do not line up with the cell's batches; "
                                      "delete that folder and they are recomputed")
-                log_mse.append(per_sample_log_mse(images, fp_b))
+                per_mse.append(per_sample_mse(images, fp_b))
             if scoring is not None:
                 scoring.add(start, images)
             if writer is not None:
@@ -379,7 +373,7 @@ def stream_samples(model, cell: Cell, fp_set: FPImages, qunet, device: str, scor
             t_score += time.time() - t
             t = time.time()
         out = {"grid": torch.cat(grid), "sampling_seconds": t_sample, "scoring_seconds": t_score,
-               "mse_vs_fp": _geo_mean(log_mse)}
+               "mse_vs_fp": _geo_mean(per_mse)}
         if writer is not None:
             out["samples_file"] = str(writer.close())
             log.info("samples saved to %s", out["samples_file"])
