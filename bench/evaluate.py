@@ -142,6 +142,7 @@ def rescore(args, metrics) -> dict:
     time (bench.metrics.stream), so 50k saved samples need no more memory than one batch of them."""
     from tqdm.auto import tqdm
 
+    from bench.harness.heap import release_freed
     from bench.harness.samples import read_samples
     from bench.metrics.stream import SampleScorer
 
@@ -159,6 +160,8 @@ def rescore(args, metrics) -> dict:
         for images in batches:
             scorer.add(images)
             bar.update(len(images))
+            images = None
+            release_freed()  # glibc would keep each batch's freed buffers resident (bench/harness/heap.py)
     result = scorer.result()
     ref = described.get("reference") or f"{dataset}/{default_split(dataset, kw['split'])}"
     what = " ".join(str(meta[k]) for k in ("model", "method", "bits") if k in meta) or args.samples.name

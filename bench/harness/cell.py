@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bench.harness.artifacts import ArtifactCache, model_fingerprint
+from bench.harness.heap import release_freed
 from bench.errors import BenchError
 from bench.harness.grid import FP_METHOD, Cell
 from bench.harness.int8_cell import int8_metrics
@@ -158,6 +159,7 @@ def fp_images(model, fp: str, cell: Cell, cache: ArtifactCache, device: str) -> 
                                                            batch_size=cell.batch_size, device=device)):
             np.save(folder / f"{b:06d}.npy", model.to_images(x0).to(SHARD_DTYPE).contiguous().numpy(),
                     allow_pickle=False)
+            release_freed()  # bench/harness/heap.py: per-batch buffers would otherwise stay resident
         (folder / "meta.json").write_text(json.dumps({"n": cell.samples, "batch_size": cell.batch_size,
                                                       "seconds": time.time() - t}))
 
@@ -179,6 +181,7 @@ def fp_feature_stats(model, fp: str, cell: Cell, cache: ArtifactCache, images: F
         fm = FeatureMoments(inception=inception, digits=digits, device=device, mode=cell.fid_mode)
         for _, x in images.batches():
             fm.add(x)
+            release_freed()
         return {k: list(v) for k, v in fm.stats().items()}
 
     return {k: tuple(v) for k, v in cache.get("fp_feature_stats", spec, compute).items()}
@@ -370,6 +373,8 @@ def stream_samples(model, cell: Cell, fp_set: FPImages, qunet, device: str, scor
                 writer.add(images)
             if sum(len(g) for g in grid) < SAMPLE_GRID:
                 grid.append(images[:SAMPLE_GRID - sum(len(g) for g in grid)].clone())
+            images = fp_b = None  # drop this batch before trimming
+            release_freed()  # glibc keeps freed per-batch buffers resident otherwise (bench/harness/heap.py)
             t_score += time.time() - t
             t = time.time()
         out = {"grid": torch.cat(grid), "sampling_seconds": t_sample, "scoring_seconds": t_score,
