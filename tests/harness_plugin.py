@@ -2,6 +2,7 @@
 
 Imported in the driver and in every Ray worker, so it must not depend on pytest fixtures.
   test-tiny   a 1x8x8 UNet2DModel with seeded random weights, DDIM 4 steps (seconds per cell on CPU)
+  test-picky  test-tiny, unavailable wherever the environment variable TEST_PICKY_MISSING is set
   test-ok     "quantizes" by adding seeded noise of size `noise` to every weight (bits change the noise)
   test-raise  raises ValueError (a cell that raises is recorded as failed)
   test-crash  kills its worker with os._exit once per `marker` file (then behaves like test-ok)
@@ -23,13 +24,31 @@ from eda.registry import Method, QuantResult, available_methods, register_method
 from tests.conftest import make_tiny_unet  # the one tiny test UNet
 
 
-if "test-tiny" not in available_models():
+def _tiny_model() -> DiffusionModel:
+    return DiffusionModel(name="test-tiny", unet=make_tiny_unet(width=8), alphas_cumprod=alphas_cumprod_for("linear"),
+                          sampler=SamplerConfig(kind="ddim", steps=4, eta=0.0, skip="uniform"),
+                          sample_shape=(1, 8, 8), dataset="digits", source="tests.harness_plugin")
 
-    @register_model("test-tiny")
-    def _tiny() -> DiffusionModel:
-        return DiffusionModel(name="test-tiny", unet=make_tiny_unet(width=8), alphas_cumprod=alphas_cumprod_for("linear"),
-                              sampler=SamplerConfig(kind="ddim", steps=4, eta=0.0, skip="uniform"),
-                              sample_shape=(1, 8, 8), dataset="digits", source="tests.harness_plugin")
+
+if "test-tiny" not in available_models():
+    register_model("test-tiny")(_tiny_model)
+
+
+def _picky_available() -> tuple[bool, str]:
+    """A model whose weights some machines lack: missing wherever TEST_PICKY_MISSING is set (a test cluster sets
+    it on one node's raylet)."""
+    if os.environ.get("TEST_PICKY_MISSING"):
+        return False, "weights missing on this node (TEST_PICKY_MISSING)"
+    return True, "weights here"
+
+
+if "test-picky" not in available_models():
+
+    @register_model("test-picky", available=_picky_available)
+    def _picky() -> DiffusionModel:
+        model = _tiny_model()
+        model.name = "test-picky"
+        return model
 
 
 @dataclass(frozen=True)

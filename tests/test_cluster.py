@@ -186,10 +186,11 @@ from ray.cluster_utils import Cluster
 from ray._raylet import AuthenticationMode, get_authentication_mode
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-workers = [cluster.add_node(num_cpus=1) for _ in range(2)]  # two worker nodes, one actor slot each
+# two worker nodes, one actor slot each; the second lacks test-picky's weights (tests/harness_plugin.py)
+workers = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1, env_vars={"TEST_PICKY_MISSING": "1"})]
 cluster.wait_for_nodes()
 token = get_authentication_mode() == AuthenticationMode.TOKEN
-print(cluster.address, "token" if token else "", flush=True)
+print(cluster.address, "token" if token else "", *(w.node_id for w in workers), flush=True)
 for line in sys.stdin:
     if line.strip() == "kill":
         cluster.remove_node(workers[1], allow_graceful=False)  # a node lost mid-grid: its raylet and workers die
@@ -200,8 +201,9 @@ cluster.shutdown()
 
 def test_multi_node_cluster_spreads_cells_and_survives_a_lost_node(tmp_path):
     """A real three-node Ray cluster (ray.cluster_utils.Cluster: a head without CPUs and two one-slot worker nodes)
-    joined through RAY_ADDRESS: a grid's rows come from both worker nodes; a worker node killed mid-grid loses no
-    finished cell, and the grid completes on the remaining node."""
+    joined through RAY_ADDRESS: a grid's rows come from both worker nodes; a model whose weights one node lacks
+    runs only on the other; a worker node killed mid-grid loses no finished cell, and the grid completes on the
+    remaining node."""
     import os
     import subprocess
     import sys
@@ -216,8 +218,8 @@ def test_multi_node_cluster_spreads_cells_and_survives_a_lost_node(tmp_path):
     head = subprocess.Popen([sys.executable, "-c", CLUSTER], cwd=tmp_path, env=env0, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        address, _, auth = head.stdout.readline().strip().partition(" ")
-        assert address, "the cluster process did not start"
+        address, *rest = head.stdout.readline().split()
+        auth, (has_picky, lacks_picky) = ("token" if rest[0] == "token" else ""), rest[-2:]
         env = {**env0, "RAY_ADDRESS": address}
         if auth == "token":
             env["RAY_AUTH_MODE"] = "token"
@@ -239,6 +241,23 @@ def test_multi_node_cluster_spreads_cells_and_survives_a_lost_node(tmp_path):
         rows_a = read_runs(tmp_path / "out" / "runs", grid="t")
         assert len(rows_a) == 4 and (rows_a.status == "ok").all()
         assert rows_a.node_id.nunique() == 2, rows_a.node_id.tolist()
+        # 1b) a model one worker node lacks: the dry run says so per node, and every cell runs on the other node
+        (tmp_path / "p").mkdir()
+        grid_p = write_grid(tmp_path / "p", ["test-ok"], bits=("W8A8", "W4A8"), seeds=(0, 1), metrics=())
+        text = open(grid_p).read().replace('name = "test-tiny"', 'name = "test-picky"').replace('name = "t"',
+                                                                                               'name = "tp"')
+        open(grid_p, "w").write(text)
+        dry = subprocess.run([*cmd, "--grid", grid_p, "--dry-run"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        assert "[available: on 2 of 3 node(s)" in dry.stdout
+        assert f"({lacks_picky[:8]}): available -; missing test-picky (weights missing on this node" in dry.stdout
+        rc = subprocess.run([*cmd, "--grid", grid_p], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+        assert rc.returncode == 0, rc.stderr[-3000:]
+        rows_p = read_runs(tmp_path / "out" / "runs", grid="tp")
+        assert len(rows_p) == 4 and (rows_p.status == "ok").all()
+        assert set(rows_p.node_id) == {has_picky}, rows_p.node_id.tolist()
         # 2) a worker node dies after the first cell of another grid has finished
         (tmp_path / "b").mkdir()
         grid_b = write_grid(tmp_path / "b", ["test-ok"], bits=("W8A8", "W6A6", "W4A8"), seeds=(2, 3, 4),
@@ -297,3 +316,43 @@ def test_availability_merges_what_the_nodes_answer():
     assert lines[1] == "  node gpu2 (cccc3333): no answer in 120s"
     assert lines[2].startswith("  node login (aaaa1111): available -; missing m (weights missing)")
     assert merge_models([probes[2]], ["m"])["m"] == (False, "no node of the cluster answered the availability probe")
+
+
+def _cell(model, seed=0, metrics=()):
+    from bench.harness.grid import Cell
+
+    return Cell(grid="t", model=model, method="rtn", bits="W8A8", seed=seed, samples=4, batch_size=4,
+                metrics=metrics)
+
+
+def test_pending_gives_an_actor_only_cells_its_node_may_run():
+    from bench.harness.worker import Pending
+
+    p = Pending()
+    for c in (_cell("big", 0), _cell("big", 1), _cell("small", 0)):
+        p.push(c)
+    only_small = lambda c: c.model == "small"  # noqa: E731 - this node lacks "big"
+    assert p.take("big", set(), only_small).model == "small"  # not the held model: its node cannot run it
+    assert p.take(None, set(), only_small) is None and len(p) == 2
+    got = p.take(None, set())
+    assert (got.model, got.seed) == ("big", 0) and len(p) == 1  # no constraint: as before
+
+
+def test_cells_whose_nodes_left_fail_with_a_line_and_others_wait():
+    """Placement: a cell only node n1 may run, and only an actor on n2 left: recorded as failed with the reason, not
+    waited for forever; while an actor is still being located, it waits."""
+    from bench.harness.worker import Dispatcher, Slot
+
+    results = []
+    d = Dispatcher([Slot(actor=None, node="n2")], None, {}, {"run_id": "r"}, "/c",
+                   lambda cell, result, attempts: results.append((cell, result)), 1, None,
+                   placement={("big", ()): frozenset({"n1"}), ("small", ()): frozenset({"n1", "n2"})})
+    d.pending.push(_cell("big"))
+    d.inflight["ref"] = (Slot(actor=None), None)  # an actor not yet located: it may land on n1
+    assert d._unplaceable() is False and len(d.pending) == 1
+    del d.inflight["ref"]
+    assert d._unplaceable() is True and len(d.pending) == 0
+    (cell, result), = results
+    assert result["row"]["status"] == "failed" and "no live node of the cluster has model big" in result["row"]["error"]
+    assert d._fits(d.slots[0])(_cell("small")) and not d._fits(d.slots[0])(_cell("big"))
+    assert d._fits(d.slots[0])(_cell("unprobed"))  # not in the placement: anywhere

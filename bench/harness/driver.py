@@ -38,12 +38,12 @@ def run_grid(args) -> int:
     status = {b["name"]: model_status(b["name"]) for b in grid.models}
     from bench.harness.cluster import resolve_address
 
-    probes, ref_status, started = None, None, False
+    probes, ref_status, where, started = None, None, None, False
     try:
         if not resolve_address(args.address, os.environ).local and (todo or args.dry_run):
             # on a cluster, ask the nodes (the driver may be a login node without weights or data)
             started = start_ray(args.address, getattr(args, "runtime_env_json", None))
-            status, probes, ref_status = probe_cluster(grid, todo, args)
+            status, probes, ref_status, where = probe_cluster(grid, todo, args)
         unknown = [m for m, (ok, why) in status.items() if not ok and "not registered" in why]
         if unknown:
             from bench.models.registry import available_models
@@ -68,7 +68,7 @@ def run_grid(args) -> int:
             print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(out)}; use --no-resume to "
                   "rerun")
             return 0
-        return execute_plan(grid, cells, todo, status, args, out, ref_status)
+        return execute_plan(grid, cells, todo, status, args, out, ref_status, where)
     finally:
         if started:
             import ray
@@ -76,16 +76,18 @@ def run_grid(args) -> int:
             ray.shutdown()
 
 
-def probe_cluster(grid: Grid, todo: list, args) -> tuple[dict, list, dict]:
-    """(model status, per-node probes, reference status per (model, metrics)) from the nodes of the cluster."""
-    from bench.harness.probe import merge_models, merge_refs, probe_nodes
+def probe_cluster(grid: Grid, todo: list, args) -> tuple[dict, list, dict, dict]:
+    """(model status, per-node probes, reference status per (model, metrics), the nodes that may run each
+    (model, metrics)) from the nodes of the cluster."""
+    from bench.harness.probe import merge_models, merge_refs, placement, probe_nodes
 
     reps: dict = {}
     for c in todo:
         reps.setdefault((c.model, c.metrics), c)
     models = list(dict.fromkeys(grid.model_names()))
     probes = probe_nodes(models, list(reps.values()), grid.imports + args.imports)
-    return merge_models(probes, models), probes, dict(zip(reps, merge_refs(probes, len(reps))))
+    return (merge_models(probes, models), probes, dict(zip(reps, merge_refs(probes, len(reps)))),
+            placement(probes, list(reps)))
 
 
 
@@ -138,9 +140,11 @@ def start_ray(address: str | None, runtime_env_json: str | None = None):
     return True
 
 
-def execute_plan(grid: Grid, cells, todo, status, args, out: Path, ref_status: dict | None = None) -> int:
+def execute_plan(grid: Grid, cells, todo, status, args, out: Path, ref_status: dict | None = None,
+                 where: dict | None = None) -> int:
     """Run the cells still to do. `ref_status` ((model, metrics) -> (ok, why)), when a cluster was probed, replaces
-    the driver's own reference-data check."""
+    the driver's own reference-data check, and `where` ((model, metrics) -> node ids) keeps each cell on the nodes
+    that have its model and reference data."""
     import ray
 
     from bench.harness.artifacts import cache_root
@@ -197,7 +201,7 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path, ref_status: d
                               imports=grid.imports + args.imports,
                               # absolute: workers on other nodes use the same path, not one under their own cwd
                               cache_root=str(cache_root(out).absolute()), retries=args.retries, progress=progress,
-                              keep_actors=not started,
+                              keep_actors=not started, placement=where,
                               on_log=progress.cell_line if getattr(args, "cell_logs", True) else None)
                 stats = {k: stats.get(k, 0) + v for k, v in got.items()}
     finally:

@@ -73,6 +73,16 @@ def merge_refs(probes: list[dict], n_cells: int) -> list[tuple[bool, str]]:
     return [_where(probes, lambda p, i=i: p["refs"][i]) for i in range(n_cells)]
 
 
+def placement(probes: list[dict], keys: list[tuple]) -> dict[tuple, frozenset[str]]:
+    """(model, metrics) -> the ids of the nodes that have both the model and the reference data of those metrics:
+    where the dispatcher may run such a cell. `keys[i]` is the probed cell i's (model, metrics)."""
+    out = {}
+    for i, key in enumerate(keys):
+        out[key] = frozenset(p["node_id"] for p in probes if "error" not in p and p["models"][key[0]][0]
+                             and p["refs"][i][0])
+    return out
+
+
 def node_lines(probes: list[dict], models: list[str]) -> list[str]:
     """The dry run's per-node availability."""
     lines = []

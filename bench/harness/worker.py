@@ -27,6 +27,7 @@ from bench.harness.grid import Cell
 
 MAX_RESTARTS = 3  # per actor; after that the driver replaces the actor (bounded by MAX_REPLACEMENTS)
 MAX_REPLACEMENTS = 4
+UNPLACEABLE_WAIT_S = 300  # how long cells that no live actor may run wait for a replacement actor to answer
 
 
 @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0)
@@ -45,8 +46,10 @@ class CellWorker:
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.model_name, self.model = None, None
 
-    def ping(self) -> int:
-        return os.getpid()
+    def where(self) -> str:
+        """The Ray node this actor runs on (a restarted actor may have moved): the dispatcher gives an actor only
+        cells whose model and reference data its node has."""
+        return ray.get_runtime_context().get_node_id()
 
     def run(self, cell_dict: dict, requests: list, context: dict, cache_root: str, sink=None) -> dict:
         """Run one cell; its log lines go to the returned "log", and also, as they happen, to `sink` (a LogSink)."""
@@ -198,6 +201,7 @@ class Slot:
     model: str | None = None
     busy: bool = False
     replacements: int = 0
+    node: str | None = None  # the actor's Ray node, once it answered `where`
 
 
 @dataclass
@@ -208,16 +212,21 @@ class Pending:
         q = self.by_model.setdefault(cell.model, deque())
         q.appendleft(cell) if front else q.append(cell)
 
-    def take(self, held: str | None, held_by_others: set[str]) -> Cell | None:
-        """Prefer the model this actor holds; else a model nobody holds (most cells first); else any."""
-        live = {m: q for m, q in self.by_model.items() if q}
+    def take(self, held: str | None, held_by_others: set[str], fits=None) -> Cell | None:
+        """Prefer the model this actor holds; else a model nobody holds (most cells first); else any. `fits(cell)`,
+        when given, says which cells this actor may run at all (its node has their model and data)."""
+        live = {m: [c for c in q if fits is None or fits(c)] for m, q in self.by_model.items()}
+        live = {m: cs for m, cs in live.items() if cs}
         if not live:
             return None
         if held in live:
-            return live[held].popleft()
-        free = [m for m in live if m not in held_by_others] or list(live)
-        m = max(free, key=lambda k: len(live[k]))
-        return live[m].popleft()
+            m = held
+        else:
+            free = [m for m in live if m not in held_by_others] or list(live)
+            m = max(free, key=lambda k: len(live[k]))
+        cell = live[m][0]
+        self.by_model[m].remove(cell)
+        return cell
 
     def drain(self, model: str) -> list[Cell]:
         q = self.by_model.get(model, deque())
@@ -258,9 +267,12 @@ def _actors(n: int, key: tuple, new_actor) -> list[Slot]:
 
 def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_workers: int, cpus_per_worker: float,
             gpus_per_worker: float, imports: list[str], cache_root: str, retries: int = 1, progress=None,
-            keep_actors: bool = False, on_log=None, memory_per_worker: int | None = None) -> dict:
+            keep_actors: bool = False, on_log=None, memory_per_worker: int | None = None,
+            placement: dict | None = None) -> dict:
     """Run cells on Ray actors; `on_result(cell, result_dict, attempts)` is called as each cell finishes, and
     `on_log(label, line)`, if given, with each log line of a running cell about a second after the worker wrote it.
+    `placement[(model, metrics)]`, when given (a probed cluster, bench.harness.probe.placement), is the set of node
+    ids a cell of that model and metrics may run on; cells whose nodes have all left are recorded as failed.
 
     `requests[(model, sampler_json, seed)]` lists the (method, overrides) of every cell of the grid on that model, so
     the shared trajectories cover all methods. Returns counts {"ok", "failed", "crashes", "replaced"}.
@@ -276,7 +288,7 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
     akey = (ray.get_runtime_context().get_job_id(), cpus_per_worker, gpus_per_worker, memory_per_worker,
             tuple(imports))
     slots = _actors(max(min(num_workers, len(cells)), 1), akey, new_actor) if cells else []
-    d = Dispatcher(slots, new_actor, requests, context, cache_root, on_result, retries, progress)
+    d = Dispatcher(slots, new_actor, requests, context, cache_root, on_result, retries, progress, placement)
     sink = LogSink.remote() if on_log and cells else None
     d.sink, d.on_log = sink, on_log
     try:
@@ -296,11 +308,14 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
 class Dispatcher:
     """The driver loop: give idle actors work, collect results as they arrive, re-queue cells of crashed actors."""
 
-    def __init__(self, slots, new_actor, requests, context, cache_root, on_result, retries, progress):
+    def __init__(self, slots, new_actor, requests, context, cache_root, on_result, retries, progress,
+                 placement: dict | None = None):
         self.slots, self.new_actor, self.requests, self.context = slots, new_actor, requests, context
         self.cache_root, self.on_result, self.retries, self.progress = cache_root, on_result, retries, progress
+        self.placement = placement
         self.pending = Pending()
-        self.inflight: dict = {}  # ref -> (slot, cell, or None for a ping that waits for a restarted actor)
+        self.inflight: dict = {}  # ref -> (slot, cell, or None for a `where` call that waits for the actor's node)
+        self.idle_since: float | None = None  # since when cells wait that no live actor may run
         self.attempts: dict[str, int] = {}
         self.stats = {"ok": 0, "failed": 0, "crashes": 0, "replaced": 0}
         self.sink, self.on_log = None, None  # LogSink and its callback (execute sets them)
@@ -321,10 +336,15 @@ class Dispatcher:
     def run(self, cells: list[Cell]) -> None:
         for c in cells:
             self.pending.push(c)
+        if self.placement is not None:  # each actor first says which node it is on
+            for slot in self.slots:
+                self._locate(slot)
         while len(self.pending) or any(cell is not None for _, cell in self.inflight.values()):
-            # Only pings left in flight and nothing to run: done. A replacement actor for a lost node may never be
-            # scheduled (the surviving nodes' slots are taken), and waiting for its ping would never end.
+            # Only `where` calls left in flight and nothing to run: done. A replacement actor for a lost node may
+            # never be scheduled (the surviving nodes' slots are taken), and waiting for its answer would never end.
             self._submit()
+            if self._unplaceable():
+                continue
             if not self.inflight:
                 continue
             ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
@@ -334,14 +354,43 @@ class Dispatcher:
             for ref in ready:
                 self._collect(ref)
 
+    def _fits(self, slot: Slot):
+        if self.placement is None:
+            return None
+        return lambda cell: slot.node in self.placement.get((cell.model, cell.metrics), (slot.node,))
+
+    def _locate(self, slot: Slot) -> None:
+        """Ask the actor (new, restarted or replaced) for its node; it gets work once it answers."""
+        self.inflight[slot.actor.where.remote()] = (slot, None)
+        slot.busy = True
+
+    def _unplaceable(self) -> bool:
+        """Cells wait that no actor may run (placement): their nodes left the cluster. Fail them once no cell is
+        running and no actor has been waiting to answer for UNPLACEABLE_WAIT_S (a replacement may still land on
+        a suitable node). True when it failed some."""
+        running = any(cell is not None for _, cell in self.inflight.values())
+        if self.placement is None or not len(self.pending) or running:
+            self.idle_since = None
+            return False
+        locating = any(cell is None for _, cell in self.inflight.values())
+        self.idle_since = self.idle_since or time.time()
+        if locating and time.time() - self.idle_since < UNPLACEABLE_WAIT_S:
+            return False
+        for model in list(self.pending.by_model):
+            for cell in self.pending.drain(model):
+                self._fail_without_running(cell, f"no live node of the cluster has model {cell.model} and the "
+                                           "reference data of its metrics (the nodes that had them left); rerun "
+                                           "the grid once such a node is back", 0)
+        return True
+
     def _submit(self) -> None:
         held_by = {s.model for s in self.slots if s.model}
         for slot in self.slots:
             if slot.busy:
                 continue
-            cell = self.pending.take(slot.model, held_by - {slot.model})
+            cell = self.pending.take(slot.model, held_by - {slot.model}, self._fits(slot))
             if cell is None:
-                break
+                continue
             rkey = (cell.model, _sampler_key(cell.sampler), cell.seed)
             ref = slot.actor.run.remote(cell.to_dict(), self.requests.get(rkey, []), self.context, self.cache_root,
                                         self.sink)
@@ -359,7 +408,8 @@ class Dispatcher:
             self._crashed(slot, cell, e)
             return
         slot.busy = False
-        if cell is None:  # the ping came back: the restarted actor is ready for work
+        if cell is None:  # `where` came back: the (restarted) actor is ready for work, on this node
+            slot.node = result
             return
         self._finish(cell, result, self.attempts.get(cell.key, 1))
         if result.get("load_error"):
@@ -387,9 +437,8 @@ class Dispatcher:
                 self._fail_without_running(cell, crash_message(n - 1, e), n - 1)
             else:
                 self.pending.push(cell, front=True)
-        # give the restarted (or replaced) actor work only once it answers
-        self.inflight[slot.actor.ping.remote()] = (slot, None)
-        slot.busy = True
+        # give the restarted (or replaced) actor work only once it answers, and says where it now runs
+        self._locate(slot)
 
     def _finish(self, cell: Cell, result: dict, attempts: int) -> None:
         ok = result["row"]["status"] == "ok"

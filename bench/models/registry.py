@@ -24,18 +24,33 @@ BUILTIN_MODULES = ("bench.models.digits", "bench.models.zoo")
 _LOADED = False
 
 _REGISTRY: dict[str, Callable[..., DiffusionModel]] = {}
+_AVAILABILITY: dict[str, Callable[[], tuple[bool, str]]] = {}
 
 
-def register_model(name: str):
-    """Register a loader `fn(**kwargs) -> DiffusionModel` under `name`."""
+def register_model(name: str, available: Callable[[], tuple[bool, str]] | None = None):
+    """Register a loader `fn(**kwargs) -> DiffusionModel` under `name`. `available`, for a model whose weights may
+    be missing on a machine (a plugin loading a checkpoint from disk), answers (loadable here, where or what is
+    missing) without loading anything: the dry run prints it, the harness fails such a model's cells in seconds,
+    and on a cluster only nodes where it answers True get its cells (bench.harness.probe)."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = fn
+        if available is not None:
+            _AVAILABILITY[name] = available
         return fn
 
     return deco
+
+
+def registered_availability(name: str) -> tuple[bool, str]:
+    """A registered model's own availability check (register_model's `available`), else (True, "built in")."""
+    check = _AVAILABILITY.get(name)
+    if check is None:
+        return True, "built in"
+    ok, why = check()
+    return bool(ok), str(why)
 
 
 def _load_builtins() -> None:

@@ -206,10 +206,10 @@ def model_availability(name: str, model_dir: str | os.PathLike | None = None) ->
     """(True, folder) if `name` can be loaded offline, else (False, what to download and where to put it).
     Loads nothing; `python -m bench.run --grid full --dry-run` lists models with it."""
     if name not in ZOO:
-        from bench.models.registry import available_models
+        from bench.models.registry import available_models, registered_availability
 
         if name in available_models():
-            return True, "built in"
+            return registered_availability(name)
         return False, f"unknown model {name!r}"
     try:
         path = resolve_model_dir(name, model_dir)
