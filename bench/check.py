@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", required=True, help="reference Parquet file, e.g. results/reference/smoke.parquet")
-    p.add_argument("--out", default="results", help="results directory holding runs/ (default: results/)")
+    p.add_argument("--out", default="results", help="results directory or storage URI holding runs/ (as given to "
+                   "bench.run --out, or its --storage; default: results/)")
     p.add_argument("--grid", default=None, help="grid to check (default: the baseline's grid)")
     p.add_argument("--rel-tol", action="append", default=[], metavar="X|METRIC=X",
                    help="relative window: one number for every unbounded metric, or METRIC=X (repeatable; default: "

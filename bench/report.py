@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", default=None, help="only this grid (default: every grid in the store)")
-    p.add_argument("--out", default="results", help="results directory holding runs/ (default: results/)")
+    p.add_argument("--out", default="results", help="results directory holding runs/ (default: results/); the "
+                   "report is written here")
+    p.add_argument("--storage", default=None, metavar="URI",
+                   help="read runs/ from this path or storage URI instead (as given to bench.run --storage)")
     p.add_argument("--metrics", default=None,
                    help=f"comma-separated metrics to tabulate (default: every one recorded; known: {', '.join(METRICS)})")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                         "by default a grid's rows must come from one clean commit")
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-    path = render(Path(args.out), args.grid, metrics, args.plots, args.allow_mixed)
+    path = render(Path(args.out), args.grid, metrics, args.plots, args.allow_mixed, storage=args.storage)
     print(f"wrote {path}, {Path(args.out) / 'tables'}/, {Path(args.out) / 'plots'}/")
     return 0
 

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "'{\"py_modules\": null}' when the nodes have eda-bench installed, or "
                         "'{\"pip\": [\"diffusers\"]}'")
     p.add_argument("--out", default="results", help="results directory (default: results/)")
+    p.add_argument("--storage", default=None, metavar="URI",
+                   help="where the results dataset (runs/) and the FP artifact cache (cache/) live, reachable by every "
+                        "node: a path (NFS), file://, s3://bucket/prefix, gs://..., or an fsspec URI (default: --out; "
+                        "logs and saved samples stay under --out)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="rerun cells already in the store (default: skip them)")
     p.add_argument("--dry-run", action="store_true",

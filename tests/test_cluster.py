@@ -356,3 +356,15 @@ def test_cells_whose_nodes_left_fail_with_a_line_and_others_wait():
     assert result["row"]["status"] == "failed" and "no live node of the cluster has model big" in result["row"]["error"]
     assert d._fits(d.slots[0])(_cell("small")) and not d._fits(d.slots[0])(_cell("big"))
     assert d._fits(d.slots[0])(_cell("unprobed"))  # not in the placement: anywhere
+
+
+def test_a_plugin_model_declares_where_its_weights_are(monkeypatch):
+    """register_model(name, available=fn): the offline check the dry run, the driver and the node probes use."""
+    import tests.harness_plugin  # noqa: F401 - registers test-picky
+    from bench.harness.plan import model_status
+
+    monkeypatch.delenv("TEST_PICKY_MISSING", raising=False)
+    assert model_status("test-picky") == (True, "weights here")
+    monkeypatch.setenv("TEST_PICKY_MISSING", "1")
+    assert model_status("test-picky") == (False, "weights missing on this node (TEST_PICKY_MISSING)")
+    assert model_status("test-tiny") == (True, "built in")  # no check declared: available wherever it is registered

@@ -26,10 +26,11 @@ def run_grid(args) -> int:
     parse_runtime_env_json(getattr(args, "runtime_env_json", None))  # a typo fails now, not after planning
     import_plugins(grid.imports + args.imports)
     out = Path(args.out)
+    store = storage_root(args)
     cells = grid.cells()
     from bench.harness.store import done_keys, runs_dir
 
-    done = done_keys(runs_dir(out), grid.name) if args.resume else set()
+    done = done_keys(runs_dir(store), grid.name) if args.resume else set()
     todo = [c for c in cells if c.key not in done]
     check_methods(grid)
     check_metrics(grid)
@@ -65,7 +66,7 @@ def run_grid(args) -> int:
                                                for m in grid.model_names()})
             return 0
         if not todo:
-            print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(out)}; use --no-resume to "
+            print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(store)}; use --no-resume to "
                   "rerun")
             return 0
         return execute_plan(grid, cells, todo, status, args, out, ref_status, where)
@@ -74,6 +75,18 @@ def run_grid(args) -> int:
             import ray
 
             ray.shutdown()
+
+
+def storage_root(args) -> str | Path:
+    """--storage (a path or URI every node reaches), else --out: where runs/ and cache/ are. A URI that cannot be
+    opened is one usage line now, not a failure after the first cell."""
+    text = getattr(args, "storage", None)
+    if not text:
+        return Path(args.out)
+    from bench.harness.storage import open_storage
+
+    st = open_storage(text)
+    return text if not st.posix else Path(st.base)
 
 
 def probe_cluster(grid: Grid, todo: list, args) -> tuple[dict, list, dict, dict]:
@@ -160,13 +173,15 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path, ref_status: d
     progress = GridProgress(len(todo), f"grid {grid.name}", enabled=args.progress)
     counts = {"ok": 0, "failed": 0}
 
+    store = storage_root(args)
+
     def on_result(cell, result, attempts):
-        write_result(out, cell, result, attempts)
+        write_result(out, cell, result, attempts, storage=str(store))
 
     # a driver killed mid-write (SIGKILL skips write_row's cleanup) leaves dotfile temps: never read, reclaimed here
     from bench.harness.store import remove_stale_temps, runs_dir
 
-    remove_stale_temps(runs_dir(out))
+    remove_stale_temps(runs_dir(store))
     # fail fast, per model, for models whose weights or reference data are not here (offline machine, missing
     # download), before Ray starts and before any sampling
     runnable, refs = [], dict(ref_status or {})
@@ -199,8 +214,7 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path, ref_status: d
                               num_workers=res["workers"], cpus_per_worker=res["cpus_per_worker"],
                               gpus_per_worker=res["gpus_per_worker"], memory_per_worker=res["memory_per_worker"],
                               imports=grid.imports + args.imports,
-                              # absolute: workers on other nodes use the same path, not one under their own cwd
-                              cache_root=str(cache_root(out).absolute()), retries=args.retries, progress=progress,
+                              cache_root=cache_root(store), retries=args.retries, progress=progress,
                               keep_actors=not started, placement=where,
                               on_log=progress.cell_line if getattr(args, "cell_logs", True) else None)
                 stats = {k: stats.get(k, 0) + v for k, v in got.items()}
@@ -210,11 +224,8 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path, ref_status: d
             ray.shutdown()
     failed = counts["failed"] + stats["failed"]
     print(f"grid {grid.name}: {stats['ok']} ok, {failed} failed, {stats['crashes']} worker crash(es) in "
-          f"{time.time() - t0:.0f}s; results in {runs_dir_str(out)}, logs in {out / 'logs' / grid.name}")
+          f"{time.time() - t0:.0f}s; results in {runs_dir(store)}, logs in {out / 'logs' / grid.name}")
     if failed:
         raise BenchError(f"{failed} cell(s) failed; their errors are in the store and in {out / 'logs' / grid.name}")
     return 0
 
-
-def runs_dir_str(out: Path) -> str:
-    return str(out / "runs")

@@ -1,8 +1,10 @@
 """Results store: one Parquet file per finished cell in a hive-partitioned dataset runs/grid=/model=/method=/.
 
-Writes are atomic (pyarrow dataset discovery skips '.'/'_' files): a dotfile temp name in the partition directory, then `os.replace`; dataset
-discovery ignores '.'/'_' prefixes, so a half-written file is never read. Files are immutable; a rerun of a cell adds
-a file and readers keep the latest row per cell key. The schema is explicit and typed, and reads pass an explicit hive
+Writes are atomic: on a path (local disk, NFS) a dotfile temp name in the partition directory, then `os.replace`;
+dataset discovery ignores '.'/'_' prefixes, so a half-written file is never read. The root may also be a storage URI
+(`bench.run --storage s3://bucket/prefix`, bench.harness.storage): there each row is one object, which appears whole
+when its upload completes. Files are immutable; a rerun of a cell adds a file and readers keep the latest row per
+cell key. The schema is explicit and typed, and reads pass an explicit hive
 partitioning so partition keys come back as strings, not categoricals.
 """
 
@@ -87,14 +89,23 @@ FILE_SCHEMA = pa.schema(
 SCHEMA = pa.schema(list(PARTITION_SCHEMA) + list(FILE_SCHEMA))
 
 
-def runs_dir(out: str | os.PathLike) -> Path:
-    return Path(out) / "runs"
+def is_uri(root: str | os.PathLike) -> bool:
+    return "://" in str(root)
+
+
+def runs_dir(out: str | os.PathLike) -> Path | str:
+    """The results dataset under `out` (a folder, or a storage URI: then a URI)."""
+    return f"{str(out).rstrip('/')}/runs" if is_uri(out) else Path(out) / "runs"
+
+
+def partition_parts(grid: str, model: str, method: str) -> list[str]:
+    """Hive folder names for a cell; values are URI-encoded (':' in 'eda-dm:tdac-only'), which hive reads decode."""
+    return [f"{k}={quote(str(v), safe='')}" for k, v in zip(PARTITIONS, (grid, model, method))]
 
 
 def partition_dir(root: str | os.PathLike, grid: str, model: str, method: str) -> Path:
-    """Hive directory for a cell; values are URI-encoded (':' in 'eda-dm:tdac-only'), which hive reads decode."""
-    parts = [f"{k}={quote(str(v), safe='')}" for k, v in zip(PARTITIONS, (grid, model, method))]
-    return Path(root).joinpath(*parts)
+    """Hive directory for a cell under a local root."""
+    return Path(root).joinpath(*partition_parts(grid, model, method))
 
 
 def empty_row() -> dict:
@@ -142,19 +153,59 @@ def write_atomic(final: Path, write: Callable[[Path], object]) -> Path:
     return final
 
 
-def write_row(root: str | os.PathLike, row: dict) -> Path:
-    """Write one result row as its own Parquet file, atomically (write_atomic). Returns the final path."""
+def write_row(root: str | os.PathLike, row: dict) -> Path | str:
+    """Write one result row as its own Parquet file, atomically (write_atomic, or one object under a storage URI).
+    Returns the final path."""
     missing = [k for k in PARTITIONS if not row.get(k)]
     if missing:
         raise BenchError(f"result row lacks partition keys {missing}; this is a harness bug")
-    d = partition_dir(root, row["grid"], row["model"], row["method"])
     table = _table([row], FILE_SCHEMA)
-    return write_atomic(d / f"{row['cell_key']}-{uuid.uuid4().hex[:8]}.parquet", lambda tmp: pq.write_table(table, tmp))
+    name = f"{row['cell_key']}-{uuid.uuid4().hex[:8]}.parquet"
+    if is_uri(root):
+        return write_object(root, [*partition_parts(row["grid"], row["model"], row["method"]), name],
+                            _parquet_bytes(table))
+    d = partition_dir(root, row["grid"], row["model"], row["method"])
+    return write_atomic(d / name, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_object(root: str, parts: list[str], data: bytes) -> str:
+    """Write bytes under a storage URI root, atomically (bench.harness.storage). Returns the object's URI."""
+    from bench.harness.storage import open_storage
+
+    st = open_storage(root)
+    path = st.path(*parts)
+    try:
+        st.write_bytes(path, data)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(path, e) from None
+        raise
+    return f"{str(root).rstrip('/')}/{'/'.join(parts)}"
+
+
+def read_store_file(root: str | os.PathLike, rel: str) -> bytes | None:
+    """A file of the store (a row's sample_grid, relative to the root) as bytes; None when absent."""
+    if is_uri(root):
+        from bench.harness.storage import open_storage
+
+        st = open_storage(root)
+        path = st.path(*rel.split("/"))
+        return st.read_bytes(path) if st.is_file(path) else None
+    p = Path(root) / rel
+    return p.read_bytes() if p.is_file() else None
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def remove_stale_temps(root: str | os.PathLike, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Delete temp files that a killed writer left under a runs/ root (SIGKILL skips write_row's cleanup). Readers
     never see them (dotfiles); this only reclaims the space. Young temps may belong to a live writer: kept."""
+    if is_uri(root):  # object stores have no temps (an object appears when its upload completes)
+        return []
     root = Path(root)
     if not root.is_dir():
         return []
@@ -170,11 +221,24 @@ def remove_stale_temps(root: str | os.PathLike, older_than: float = STALE_TEMP_S
 
 
 def read_runs(root: str | os.PathLike, grid: str | None = None, latest: bool = True) -> pd.DataFrame:
-    """All rows under a runs/ root (optionally of one grid), with stable dtypes; latest row per (grid, cell key)."""
-    root = Path(root)
-    if not root.is_dir():
-        return empty_frame()
-    dataset = ds.dataset(root, schema=SCHEMA, format="parquet",
+    """All rows under a runs/ root (a folder or a storage URI; optionally of one grid), with stable dtypes; latest
+    row per (grid, cell key)."""
+    fs = None
+    if is_uri(root):
+        import pyarrow.fs as pafs
+
+        from bench.harness.storage import open_storage
+
+        st = open_storage(root)
+        if not st.fs.get_file_info(pafs.FileSelector(st.base, allow_not_found=True)):  # absent or empty
+            return empty_frame()
+        fs, root = st.fs, st.base
+    else:
+        root = Path(root)
+        if not root.is_dir():
+            return empty_frame()
+        root = str(root)
+    dataset = ds.dataset(root, schema=SCHEMA, format="parquet", filesystem=fs,
                          partitioning=ds.partitioning(PARTITION_SCHEMA, flavor="hive"),
                          exclude_invalid_files=False)
     flt = ds.field("grid") == grid if grid else None

@@ -55,7 +55,7 @@ class CellWorker:
         """Run one cell; its log lines go to the returned "log", and also, as they happen, to `sink` (a LogSink)."""
         from bench.harness.artifacts import ArtifactCache
 
-        if self.cache is None or str(self.cache.root) != str(cache_root):
+        if self.cache is None or self.cache.uri != str(cache_root):
             self.cache = ArtifactCache(cache_root)
 
         cell = Cell.from_dict(cell_dict)
@@ -462,19 +462,24 @@ def _sampler_key(sampler) -> str:
     return json.dumps(sampler, sort_keys=True)
 
 
-def write_result(out: Path, cell: Cell, result: dict, attempts: int) -> Path:
-    """Store one finished cell: its Parquet row, its PNG sample grid and its log (the driver is the only writer).
-    The row goes last: a cell is in the store only once its PNG and log are. Disk full: one-line BenchError."""
-    from bench.harness.store import partition_dir, runs_dir, write_atomic, write_row
+def write_result(out: Path, cell: Cell, result: dict, attempts: int, storage: str | None = None) -> Path | str:
+    """Store one finished cell: its Parquet row and PNG sample grid under `storage` (a folder or URI; default
+    `out`), its log under `out`/logs (the driver is the only writer). The row goes last: a cell is in the store only
+    once its PNG and log are. Disk full: one-line BenchError."""
+    from bench.harness.store import is_uri, partition_dir, partition_parts, runs_dir, write_atomic, write_object, write_row
 
-    root = runs_dir(out)
+    root = runs_dir(storage or out)
     row = dict(result["row"])
     row["attempts"] = attempts
     if result.get("png"):
-        png = partition_dir(root, cell.grid, cell.model, cell.method) / "_samples" / \
-            f"{cell.bits}-seed{cell.seed}-{cell.key}.png"
-        write_atomic(png, lambda tmp: tmp.write_bytes(result["png"]))
-        row["sample_grid"] = str(png.relative_to(root))
+        parts = [*partition_parts(cell.grid, cell.model, cell.method), "_samples",
+                 f"{cell.bits}-seed{cell.seed}-{cell.key}.png"]
+        if is_uri(root):
+            write_object(root, parts, result["png"])
+        else:
+            png = partition_dir(root, cell.grid, cell.model, cell.method) / parts[-2] / parts[-1]
+            write_atomic(png, lambda tmp: tmp.write_bytes(result["png"]))
+        row["sample_grid"] = "/".join(parts)  # relative to the store root
     log = Path(out) / "logs" / cell.grid / cell.model / cell.method.replace(":", "_") / \
         f"{cell.bits}-seed{cell.seed}-{cell.key}.log"
     write_atomic(log, lambda tmp: tmp.write_text(result.get("log", "")))

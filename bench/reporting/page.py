@@ -14,10 +14,11 @@ from bench.reporting.tables import aggregate, method_order, model_table, shown_m
 
 
 def render(out: Path, grid: str | None = None, metrics: list[str] | None = None, make_plots: bool = True,
-           allow_mixed: bool = False) -> Path:
-    """Write report.md, tables/*.tex and plots/* under `out` from the store in out/runs; returns report.md. Each
-    grid's rows must come from one clean commit unless `allow_mixed` (bench.reporting.provenance)."""
-    root = runs_dir(out)
+           allow_mixed: bool = False, storage: str | None = None) -> Path:
+    """Write report.md, tables/*.tex and plots/* under `out` from the store in `storage`/runs (a folder or storage
+    URI; default `out`); returns report.md. Each grid's rows must come from one clean commit unless `allow_mixed`
+    (bench.reporting.provenance)."""
+    root = runs_dir(storage or out)
     df = read_runs(root, grid)
     if df.empty:
         raise UsageError(f"no results for grid {grid or '(any)'} in {root}; run `python -m bench.run"

@@ -123,10 +123,14 @@ def _speed_figure(a: pd.DataFrame, quant, settings, path: Path) -> list[Path]:
     return _save(fig, path)
 
 
-def _sample_figure(d: pd.DataFrame, methods, settings, store_root: Path, path: Path) -> list[Path]:
+def _sample_figure(d: pd.DataFrame, methods, settings, store_root, path: Path) -> list[Path]:
     """FP and each method x bit width from the same (first) seed, side by side."""
+    import io
+
     import matplotlib.pyplot as plt
     from matplotlib.image import imread
+
+    from bench.harness.store import read_store_file
 
     seed = d["seed"].min()
     panels = []
@@ -134,8 +138,9 @@ def _sample_figure(d: pd.DataFrame, methods, settings, store_root: Path, path: P
         for b in ([FP_BITS] if meth == FP_METHOD else settings):
             r = d[(d["method"] == meth) & (d["bits"] == b) & (d["seed"] == seed)]
             rel = r["sample_grid"].iloc[0] if len(r) else None
-            if isinstance(rel, str) and (store_root / rel).is_file():
-                panels.append((f"{meth}\n{b}" if meth != FP_METHOD else "fp", imread(store_root / rel)))
+            data = read_store_file(store_root, rel) if isinstance(rel, str) else None  # a path or storage URI
+            if data:
+                panels.append((f"{meth}\n{b}" if meth != FP_METHOD else "fp", imread(io.BytesIO(data), format="png")))
     if not panels:
         return []
     cols = min(len(panels), 6)
