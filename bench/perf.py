@@ -50,12 +50,19 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller batches and fewer repetitions (a smoke check)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
     ap.add_argument("--out", default=str(ROOT / "results"), help="writes <out>/perf.md and <out>/perf/perf.parquet")
+    ap.add_argument("--render-only", action="store_true",
+                    help="measure nothing: rewrite <out>/perf.md from the rows in <out>/perf/perf.parquet")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     figs = [f.strip() for f in args.only.split(",") if f.strip()]
     bad = [f for f in figs if f not in FIGURES]
     if bad:
         raise UsageError(f"unknown figure(s) {bad}; expected some of {', '.join(FIGURES)}")
+    if args.render_only:
+        from bench.studies.perf_page import rerender
+
+        print(f"wrote {rerender(Path(args.out), argv)}")
+        return 0
     run(figs, args, argv, Path(args.out))
     return 0
 

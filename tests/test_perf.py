@@ -152,6 +152,21 @@ def test_memory_figure_cell_runs_and_the_page_reports_ratios_and_slope(tmp_path,
     page = (tmp_path / "perf.md").read_text()
     assert "| 20000 | 1200 | 1.33x |" in page and "**not met**" in page
     assert f"Slope {300 / 19000 * 1024:.2f} KB per sample" in page
+    # the paper architectures' 50k-sample cells: measured peak + slope x the rest + their float32 weights
+    import json
+
+    from pathlib import Path
+
+    arch = json.loads((Path(__file__).parents[1] / "results" / "architectures" / "sd-v1-4.json")
+                      .read_text())["params"]
+    weights = 4 * (2 * arch["unet"] + sum(v for k, v in arch.items() if k != "unet")) / 2 ** 20
+    assert f"| sd-v1-4 | 860M | 207M | {weights:.0f} | {1200 + 300 / 19000 * 30000 + weights:.0f} |" in page
+    # --render-only rewrites the page from the stored rows alone
+    from bench.perf import main as perf_main
+
+    (tmp_path / "perf.md").unlink()
+    assert perf_main(["--render-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "perf.md").read_text().count("| 20000 | 1200 | 1.33x |") == 1
 
 
 def test_streaming_cell_peak_memory_does_not_grow_with_the_sample_count(tmp_path, monkeypatch):

@@ -129,11 +129,38 @@ def render_memory(part, first, load) -> list[str]:
     lines += ["", f"Largest ratio {worst:.2f}x (target <= 1.1x: {'met' if met else '**not met**'}). Slope "
               f"{d['slope_mb_per_sample'] * 1024:.2f} KB per sample between {ms[0]['n']} and {ms[-1]['n']} samples; "
               f"extrapolated linearly to 50k samples: {d['extrapolated_50k_mb']:.0f} MB for this model. "
-              "For a real architecture add its weights (FP and quantized copies) and one batch of its activations, "
-              "which do not depend on the sample count; what a cell keeps per sample is 8 bytes (the paired log-MSE), "
-              "plus 8 KB of Inception features when the grid asks for KID or precision/recall "
-              "(bench.metrics.stream).", ""]
+              "What a cell keeps per sample is 4 bytes (its squared error against the FP sample), plus 8 KB of "
+              "Inception features when the grid asks for KID or precision/recall (bench.metrics.stream).", ""]
+    lines += architecture_extrapolation(ms, d["slope_mb_per_sample"])
     return lines
+
+
+def architecture_extrapolation(ms: list[dict], slope_mb: float) -> list[str]:
+    """The 50k-sample cell of each paper architecture, extrapolated from this figure's measurements and the parameter
+    counts in results/architectures/NAME.json (python -m bench.studies.architectures): the measured peak at the
+    largest count, the measured slope over the remaining samples, and the weights that a cell adds: the FP UNet,
+    its quantized copy (fake-quantized weights are cached, README "Performance"), the autoencoder and text encoder,
+    in float32."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "results" / "architectures"
+    rows = []
+    for f in sorted(folder.glob("*.json")):
+        a = json.loads(f.read_text())
+        unet = int(a["params"].get("unet", 0))
+        vae = sum(int(v) for k, v in a["params"].items() if k != "unet")  # autoencoder, text encoder
+        weights = 4 * (2 * unet + vae) / 2 ** 20
+        base = ms[-1]["peak_rss_mb"] + max(slope_mb, 0.0) * (50_000 - ms[-1]["n"])
+        rows.append(f"| {a['name']} | {unet / 1e6:.0f}M | {vae / 1e6:.0f}M | {weights:.0f} | {base + weights:.0f} |")
+    if not rows:
+        return []
+    return ["Extrapolated to a 50k-sample cell of each paper architecture: the peak at "
+            f"{ms[-1]['n']} samples plus the slope (floored at 0) over the remaining samples, plus float32 weights "
+            "(FP UNet, its quantized copy, the autoencoder and text encoder; parameter counts from "
+            "results/architectures/). One "
+            "batch of the architecture's activations comes on top; it does not grow with the sample count.", "",
+            "| architecture | UNet params | other params | weights (MB) | 50k-sample cell, host (MB) |",
+            "|---|---|---|---|---|", *rows, ""]
 
 
 def run(figs: list[str], args, argv: list[str], out: Path) -> None:
@@ -149,3 +176,18 @@ def run(figs: list[str], args, argv: list[str], out: Path) -> None:
         rows += fns[f](args)
         write(rows, env, out / "perf" / "perf.parquet", out / "perf.md")  # after each figure: nothing lost
     print(f"wrote {out / 'perf.md'} and {out / 'perf' / 'perf.parquet'}")
+
+
+def rerender(out: Path, argv: list[str]) -> Path:
+    """`bench.perf --render-only`: perf.md again from perf/perf.parquet (after a change to how a figure is shown);
+    every figure keeps the command, commit, time and load average it was measured with."""
+    import pandas as pd
+
+    from bench.errors import UsageError
+
+    parquet = out / "perf" / "perf.parquet"
+    if not parquet.is_file():
+        raise UsageError(f"no measurements at {parquet}; run `python -m bench.perf` first")
+    page = out / "perf.md"
+    page.write_text(render(pd.read_parquet(parquet), environment(argv)))
+    return page
