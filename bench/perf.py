@@ -59,7 +59,11 @@ def main(argv=None):
     if bad:
         raise UsageError(f"unknown figure(s) {bad}; expected some of {', '.join(FIGURES)}")
     if args.render_only:
+        import torch
+
         from bench.studies.perf_page import rerender
+
+        torch.set_num_threads(args.threads)  # the page header names the thread count the figures ran with
 
         print(f"wrote {rerender(Path(args.out), argv)}")
         return 0
