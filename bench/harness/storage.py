@@ -18,23 +18,54 @@ holder died with it held). Nothing here calls flock.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.errors import UsageError
+from bench.errors import BenchError, UsageError
 
-TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".tmp-"  # in-progress writes (Parquet rows, sample-grid PNGs); dataset discovery skips dotfiles
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 STALE_S = 120.0  # a lock whose heartbeat stopped this long ago belongs to a dead holder
 BEAT_S = 10.0  # how often a held lock is refreshed
 SETTLE_S = 2.0  # object stores: how long a lease token must survive before its writer holds the lease
 POLL_S = 0.5
+
+
+def disk_full_error(path: str | os.PathLike, e: OSError) -> BenchError:
+    """The one line for a write that ran out of space (or quota): every finished cell is already stored, so freeing
+    space and rerunning the same command resumes where it stopped."""
+    return BenchError(f"disk full while writing {path} ({os.strerror(e.errno)}); free space or pass --out elsewhere, then "
+                      "rerun the same command: finished cells are kept and skipped")
+
+
+def write_atomic(final: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` to a dotfile temp beside `final`, fsync, then rename: readers see the whole file or none. A write
+    that fails removes its temp (disk full: one-line BenchError); a SIGKILLed writer's temp is reclaimed later by
+    remove_stale_temps."""
+    tmp = final.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}{final.suffix}"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(final, e) from None
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
 
 
 @dataclass
@@ -74,8 +105,6 @@ class Storage:
     def write_bytes(self, path: str, data: bytes) -> None:
         """Atomically: readers see all of `data` at `path` or nothing (module docstring)."""
         if self.posix:
-            from bench.harness.store import write_atomic
-
             write_atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
             return
         parent = path.rsplit("/", 1)[0]
@@ -85,8 +114,6 @@ class Storage:
 
     def upload(self, local: Path, path: str) -> None:
         if self.posix:
-            from bench.harness.store import write_atomic
-
             write_atomic(Path(path), lambda tmp: Path(tmp).write_bytes(Path(local).read_bytes()))
             return
         import pyarrow.fs as pafs

@@ -10,13 +10,11 @@ partitioning so partition keys come back as strings, not categoricals.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -26,12 +24,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from bench.errors import BenchError
+from bench.harness.storage import DISK_FULL, TEMP_PREFIX, disk_full_error, write_atomic  # noqa: F401 - re-exported
 from bench.metrics.names import METRICS  # one float column per metric, NaN when not computed
 
 PARTITIONS = ("grid", "model", "method")
-TEMP_PREFIX = ".tmp-"  # in-progress writes (Parquet rows, sample-grid PNGs); dataset discovery skips dotfiles
 STALE_TEMP_SECONDS = 600  # one row is written in milliseconds: an older temp was left by a killed writer
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 PARTITION_SCHEMA = pa.schema([(k, pa.string()) for k in PARTITIONS])
 
 FILE_SCHEMA = pa.schema(
@@ -123,34 +120,6 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
             vals = [math.nan if v is None else float(v) for v in vals]
         cols[f.name] = pa.array(vals, type=f.type)
     return pa.table(cols, schema=schema)
-
-
-def disk_full_error(path: str | os.PathLike, e: OSError) -> BenchError:
-    """The one line for a write that ran out of space (or quota): every finished cell is already stored, so freeing
-    space and rerunning the same command resumes where it stopped."""
-    return BenchError(f"disk full while writing {path} ({os.strerror(e.errno)}); free space or pass --out elsewhere, then "
-                      "rerun the same command: finished cells are kept and skipped")
-
-
-def write_atomic(final: Path, write: Callable[[Path], object]) -> Path:
-    """`write(tmp)` to a dotfile temp beside `final`, fsync, then rename: readers see the whole file or none. A write
-    that fails removes its temp (disk full: one-line BenchError); a SIGKILLed writer's temp is reclaimed later by
-    remove_stale_temps."""
-    tmp = final.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}{final.suffix}"
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise disk_full_error(final, e) from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
 
 
 def write_row(root: str | os.PathLike, row: dict) -> Path | str:
