@@ -234,6 +234,7 @@ def test_multi_node_cluster_spreads_cells_and_survives_a_lost_node(tmp_path):
         nodes = dry.stdout.split("nodes (each checked where its cells would run):")[1].strip().splitlines()
         assert len(nodes) == 3 and all(ln.endswith("available test-tiny") for ln in nodes), dry.stdout
         assert "[available: on 3 of 3 node(s)" in dry.stdout
+        assert "on the cluster: 2 actor(s) x (num_cpus=1, num_gpus=0)" in dry.stdout  # its CPUs, not the driver's
         # 1) both worker nodes run cells
         rc = subprocess.run([*cmd, "--grid", grid_a], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
@@ -368,3 +369,16 @@ def test_a_plugin_model_declares_where_its_weights_are(monkeypatch):
     monkeypatch.setenv("TEST_PICKY_MISSING", "1")
     assert model_status("test-picky") == (False, "weights missing on this node (TEST_PICKY_MISSING)")
     assert model_status("test-tiny") == (True, "built in")  # no check declared: available wherever it is registered
+
+
+def test_a_probed_dry_run_counts_the_clusters_cpus_and_gpus(monkeypatch):
+    import sys
+    import types
+
+    from bench.harness.driver import cluster_totals
+
+    fake = types.SimpleNamespace(cluster_resources=lambda: {"CPU": 96.0, "GPU": 8.0, "memory": 1e12})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert cluster_totals() == {"CPU": 96.0, "GPU": 8.0}  # the nodes' totals, not the driver machine's
+    fake.cluster_resources = lambda: {"CPU": 4.0}
+    assert cluster_totals() == {"CPU": 4.0, "GPU": 0.0}

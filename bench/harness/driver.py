@@ -52,10 +52,12 @@ def run_grid(args) -> int:
             raise UsageError(f"unknown model(s) {', '.join(unknown)}; expected some of "
                              f"{', '.join(available_models())} or a local directory saved with save_pretrained")
         if args.dry_run:
-            here = local_resources()
+            # a probed cluster's own CPUs and GPUs (all alive nodes), else this machine's
+            here = local_resources() if probes is None else cluster_totals()
             print_plan(grid, cells, todo, status, resources(grid, args, here),
                        "Ray is not started by a dry run" if probes is None else "the cluster was only probed",
-                       {m: resources(grid, args, here, m) for m in grid.model_names() if m in grid.model_resources})
+                       {m: resources(grid, args, here, m) for m in grid.model_names() if m in grid.model_resources},
+                       scope="here" if probes is None else "on the cluster")
             if probes is not None:
                 from bench.harness.probe import node_lines
 
@@ -75,6 +77,14 @@ def run_grid(args) -> int:
             import ray
 
             ray.shutdown()
+
+
+def cluster_totals() -> dict:
+    """CPU and GPU totals of the joined Ray cluster, in local_resources' form."""
+    import ray
+
+    total = ray.cluster_resources()
+    return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
 
 
 def storage_root(args) -> str | Path:

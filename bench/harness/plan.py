@@ -185,7 +185,7 @@ def reference_line(block: dict, cells: list[Cell]) -> str:
 
 
 def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, res: dict, cluster_note: str,
-               model_res: dict | None = None) -> None:
+               model_res: dict | None = None, scope: str = "here") -> None:
     print(f"grid {grid.name}: {len(cells)} cells, {len(todo)} to run ({len(cells) - len(todo)} already in the store)")
     if grid.description:
         print(f"  {grid.description.strip().splitlines()[0]}")
@@ -208,7 +208,7 @@ def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, re
     want = grid.resources
     print(f"\nresources: each actor asks Ray for num_gpus={want.get('gpus_per_worker', 1)} "
           f"num_cpus={want.get('cpus_per_worker', 1)} (one actor per GPU; per CPU slot when there is no GPU)")
-    print(f"  here: {res['workers']} actor(s) x (num_cpus={res['cpus_per_worker']:g}, "
+    print(f"  {scope}: {res['workers']} actor(s) x (num_cpus={res['cpus_per_worker']:g}, "
           f"num_gpus={res['gpus_per_worker']:g}); {cluster_note}")
     for model, r in (model_res or {}).items():
         mem = "" if r["memory_per_worker"] is None else f", memory={r['memory_per_worker'] / 2**30:g}GiB"
