@@ -136,6 +136,18 @@ def test_dry_run_counts_each_block_of_a_repeated_model(tmp_path, capsys):
                      ["test-ok", "W3A8", "2", "cells,", "2", "to", "run"]]
 
 
+def test_dry_run_says_an_actor_with_several_gpus_uses_one(tmp_path, capsys, monkeypatch):
+    import bench.harness.driver as driver
+
+    monkeypatch.setattr(driver, "local_resources", lambda: {"CPU": 16.0, "GPU": 4.0})  # a 4-GPU machine
+    grid = write_grid(tmp_path, ["test-ok"], bits=("W8A8",))
+    assert run("--grid", grid, "--dry-run", "--out", str(tmp_path / "out"), "--gpus-per-worker", "2") == 0
+    assert "note: actors of the grid (2) reserve several GPUs each but run each cell on the first" in \
+        capsys.readouterr().out
+    assert run("--grid", grid, "--dry-run", "--out", str(tmp_path / "out")) == 0
+    assert "reserve several GPUs" not in capsys.readouterr().out
+
+
 def test_unavailable_model_fails_fast(tmp_path, capsys):
     from bench.models.zoo import model_availability
 

@@ -214,6 +214,11 @@ def print_plan(grid: Grid, cells: list[Cell], todo: list[Cell], status: dict, re
         mem = "" if r["memory_per_worker"] is None else f", memory={r['memory_per_worker'] / 2**30:g}GiB"
         print(f"  model {model} (its block's resources): {r['workers']} actor(s) x (num_cpus={r['cpus_per_worker']:g}, "
               f"num_gpus={r['gpus_per_worker']:g}{mem}), its cells run as a group of their own")
+    many = [f"{m} ({r['gpus_per_worker']:g})" for m, r in [("the grid", res), *(model_res or {}).items()]
+            if r["gpus_per_worker"] > 1]
+    if many:  # Ray reserves them all, but a cell runs on one device: no model parallelism inside a cell
+        print(f"  note: actors of {', '.join(many)} reserve several GPUs each but run each cell on the first of them; "
+              "gpus = 1 runs more actors at once")
 
 
 def local_resources() -> dict:
