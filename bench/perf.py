@@ -64,7 +64,6 @@ def main(argv=None):
         from bench.studies.perf_page import rerender
 
         torch.set_num_threads(args.threads)  # the page header names the thread count the figures ran with
-
         print(f"wrote {rerender(Path(args.out), argv)}")
         return 0
     run(figs, args, argv, Path(args.out))

@@ -161,8 +161,10 @@ class ArtifactCache:
         if self._fetch_folder(kind, key, path):
             return path
         with self._lock(kind, key):
-            if (path / "done.json").is_file() or self._fetch_folder(kind, key, path):
+            if (path / "done.json").is_file():  # another actor finished it while we waited
                 self.hits["disk"] += 1
+                return path
+            if self._fetch_folder(kind, key, path):  # another node finished it (counts its own hit)
                 return path
             if path.exists():  # a folder without done.json: left by a crash before the rename completed
                 shutil.rmtree(path)

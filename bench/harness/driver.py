@@ -71,7 +71,7 @@ def run_grid(args) -> int:
             print(f"grid {grid.name}: all {len(cells)} cells are already in {runs_dir(store)}; use --no-resume to "
                   "rerun")
             return 0
-        return execute_plan(grid, cells, todo, status, args, out, ref_status, where)
+        return execute_plan(grid, cells, todo, status, args, out, store, ref_status, where)
     finally:
         if started:
             import ray
@@ -163,9 +163,9 @@ def start_ray(address: str | None, runtime_env_json: str | None = None):
     return True
 
 
-def execute_plan(grid: Grid, cells, todo, status, args, out: Path, ref_status: dict | None = None,
+def execute_plan(grid: Grid, cells, todo, status, args, out: Path, store: str | Path, ref_status: dict | None = None,
                  where: dict | None = None) -> int:
-    """Run the cells still to do. `ref_status` ((model, metrics) -> (ok, why)), when a cluster was probed, replaces
+    """Run the cells still to do, storing rows under `store` (storage_root) and logs under `out`. `ref_status` ((model, metrics) -> (ok, why)), when a cluster was probed, replaces
     the driver's own reference-data check, and `where` ((model, metrics) -> node ids) keeps each cell on the nodes
     that have its model and reference data."""
     import ray
@@ -182,8 +182,6 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path, ref_status: d
     t0 = time.time()
     progress = GridProgress(len(todo), f"grid {grid.name}", enabled=args.progress)
     counts = {"ok": 0, "failed": 0}
-
-    store = storage_root(args)
 
     def on_result(cell, result, attempts):
         write_result(out, cell, result, attempts, storage=str(store))

@@ -85,14 +85,6 @@ class Storage:
         assert self.posix, "an object store has no local path"
         return Path(self.path(*parts))
 
-    def child(self, *parts: str) -> Storage:
-        return Storage(self.fs, self.path(*parts), self.posix, self.uri.rstrip("/") + "/" + "/".join(parts))
-
-    def exists(self, path: str) -> bool:
-        import pyarrow.fs as pafs
-
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
-
     def is_file(self, path: str) -> bool:
         import pyarrow.fs as pafs
 
@@ -144,7 +136,7 @@ class Storage:
     def delete(self, path: str) -> None:
         try:
             self.fs.delete_file(path)
-        except (FileNotFoundError, OSError):
+        except OSError:  # already gone
             pass
 
     @contextmanager
@@ -167,7 +159,7 @@ class Storage:
     def _holder(self, path: str) -> str | None:
         try:
             return self.read_bytes(path).decode()
-        except (FileNotFoundError, OSError, UnicodeDecodeError):
+        except (OSError, UnicodeDecodeError):
             return None
 
     def _age(self, path: str) -> float | None:

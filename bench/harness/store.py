@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from bench.errors import BenchError
-from bench.harness.storage import DISK_FULL, TEMP_PREFIX, disk_full_error, write_atomic  # noqa: F401 - re-exported
+from bench.harness.storage import DISK_FULL, TEMP_PREFIX, write_atomic  # noqa: F401 - DISK_FULL, write_atomic re-exported
 from bench.metrics.names import METRICS  # one float column per metric, NaN when not computed
 
 PARTITIONS = ("grid", "model", "method")
@@ -129,26 +129,21 @@ def write_row(root: str | os.PathLike, row: dict) -> Path | str:
     if missing:
         raise BenchError(f"result row lacks partition keys {missing}; this is a harness bug")
     table = _table([row], FILE_SCHEMA)
-    name = f"{row['cell_key']}-{uuid.uuid4().hex[:8]}.parquet"
+    parts = [*partition_parts(row["grid"], row["model"], row["method"]), f"{row['cell_key']}-{uuid.uuid4().hex[:8]}.parquet"]
     if is_uri(root):
-        return write_object(root, [*partition_parts(row["grid"], row["model"], row["method"]), name],
-                            _parquet_bytes(table))
-    d = partition_dir(root, row["grid"], row["model"], row["method"])
-    return write_atomic(d / name, lambda tmp: pq.write_table(table, tmp))
+        return write_store_file(root, parts, _parquet_bytes(table))
+    return write_atomic(Path(root).joinpath(*parts), lambda tmp: pq.write_table(table, tmp))  # no copy in memory
 
 
-def write_object(root: str, parts: list[str], data: bytes) -> str:
-    """Write bytes under a storage URI root, atomically (bench.harness.storage). Returns the object's URI."""
+def write_store_file(root: str | os.PathLike, parts: list[str], data: bytes) -> Path | str:
+    """Write a file of the store (`parts` below the root) atomically: write_atomic under a folder, one object (or a
+    temp file and rename, for file://) under a storage URI (bench.harness.storage). Returns its path or URI."""
+    if not is_uri(root):
+        return write_atomic(Path(root).joinpath(*parts), lambda tmp: tmp.write_bytes(data))
     from bench.harness.storage import open_storage
 
     st = open_storage(root)
-    path = st.path(*parts)
-    try:
-        st.write_bytes(path, data)
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise disk_full_error(path, e) from None
-        raise
+    st.write_bytes(st.path(*parts), data)
     return f"{str(root).rstrip('/')}/{'/'.join(parts)}"
 
 

@@ -466,7 +466,7 @@ def write_result(out: Path, cell: Cell, result: dict, attempts: int, storage: st
     """Store one finished cell: its Parquet row and PNG sample grid under `storage` (a folder or URI; default
     `out`), its log under `out`/logs (the driver is the only writer). The row goes last: a cell is in the store only
     once its PNG and log are. Disk full: one-line BenchError."""
-    from bench.harness.store import is_uri, partition_dir, partition_parts, runs_dir, write_atomic, write_object, write_row
+    from bench.harness.store import partition_parts, runs_dir, write_atomic, write_row, write_store_file
 
     root = runs_dir(storage or out)
     row = dict(result["row"])
@@ -474,11 +474,7 @@ def write_result(out: Path, cell: Cell, result: dict, attempts: int, storage: st
     if result.get("png"):
         parts = [*partition_parts(cell.grid, cell.model, cell.method), "_samples",
                  f"{cell.bits}-seed{cell.seed}-{cell.key}.png"]
-        if is_uri(root):
-            write_object(root, parts, result["png"])
-        else:
-            png = partition_dir(root, cell.grid, cell.model, cell.method) / parts[-2] / parts[-1]
-            write_atomic(png, lambda tmp: tmp.write_bytes(result["png"]))
+        write_store_file(root, parts, result["png"])
         row["sample_grid"] = "/".join(parts)  # relative to the store root
     log = Path(out) / "logs" / cell.grid / cell.model / cell.method.replace(":", "_") / \
         f"{cell.bits}-seed{cell.seed}-{cell.key}.log"

@@ -1,6 +1,7 @@
 """Distances between feature sets: the Fréchet distance (FID, sFID, digits-FID), KID, improved precision/recall and
-the Inception Score; `Moments`, the running mean and covariance a streamed feature set is summarised by. Pure functions of feature arrays; the extractors that produce them are bench.metrics.inception
-and bench.metrics.classifier.
+the Inception Score; `Moments`, the running mean and covariance a streamed feature set is summarised by. Pure
+functions of feature arrays; the extractors that produce them are bench.metrics.inception and
+bench.metrics.classifier.
 
 The Fréchet distance is clean-fid's formula computed with symmetric eigendecompositions (10x faster than its sqrtm on
 CPU; `frechet(..., backend="clean-fid")` calls clean-fid's own function and agrees to ~1e-9 relative); KID is

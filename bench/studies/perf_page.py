@@ -141,16 +141,14 @@ def architecture_extrapolation(ms: list[dict], slope_mb: float) -> list[str]:
     largest count, the measured slope over the remaining samples, and the weights that a cell adds: the FP UNet,
     its quantized copy (fake-quantized weights are cached, README "Performance"), the autoencoder and text encoder,
     in float32."""
-    from pathlib import Path
-
     folder = Path(__file__).resolve().parents[2] / "results" / "architectures"
+    base = ms[-1]["peak_rss_mb"] + max(slope_mb, 0.0) * (50_000 - ms[-1]["n"])  # the cell without the weights
     rows = []
     for f in sorted(folder.glob("*.json")):
         a = json.loads(f.read_text())
         unet = int(a["params"].get("unet", 0))
         vae = sum(int(v) for k, v in a["params"].items() if k != "unet")  # autoencoder, text encoder
         weights = 4 * (2 * unet + vae) / 2 ** 20
-        base = ms[-1]["peak_rss_mb"] + max(slope_mb, 0.0) * (50_000 - ms[-1]["n"])
         rows.append(f"| {a['name']} | {unet / 1e6:.0f}M | {vae / 1e6:.0f}M | {weights:.0f} | {base + weights:.0f} |")
     if not rows:
         return []
