@@ -5,7 +5,9 @@
 
 Records FP sampling trajectories (and the features the method needs), builds the method's calibration set,
 reconstructs, and writes the quantized UNet with `eda.checkpoint.save_quantized`; prints a summary (time, packed
-size, calibration allocation). Method knobs come from `--config` (a TOML file of `knob = value`, optionally with
+size, calibration allocation). Reconstructed units are journalled in OUT/journal as they finish (eda.journal): if
+the run is interrupted, the same command resumes from the next unit; the journal is removed once the model is
+saved. Method knobs come from `--config` (a TOML file of `knob = value`, optionally with
 per-method tables `[eda-dm]`) and `--set key=value` (wins); `--list-knobs` prints a method's knobs and defaults.
 """
 
@@ -22,6 +24,8 @@ from typing import Any
 from bench.errors import UsageError, cli_main
 from bench.harness.seeds import CALIB_OFFSET, calib_seed
 from bench.harness.devices import HELP as DEVICE_HELP, resolve_device
+
+JOURNAL_DIR = "journal"  # under --out, while reconstruction is in progress
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     method.configure(None, args.bits, overrides)  # fail on bad knobs before loading anything
 
+    from bench.harness.provenance import code_state
     from eda.checkpoint import packed_size_mb, save_quantized
+    from eda.journal import Journal
     from eda.trajectories import record_trajectories
 
     progress = not args.quiet
@@ -132,14 +138,20 @@ def main(argv: list[str] | None = None) -> int:
                                batch_size=args.batch_size, device=args.device, progress=progress)
     traj_seconds = time.perf_counter() - t0
     print(f"[2/3] {args.method} {args.bits}: calibration + reconstruction", file=sys.stderr)
-    result = method.quantize(model, args.bits, traj, seed=args.seed, overrides=overrides, progress=progress)
+    journal = Journal(Path(args.out) / JOURNAL_DIR, context=code_state())
+    result = method.quantize(model, args.bits, traj, seed=args.seed, overrides=overrides, progress=progress,
+                             journal=journal)
     info = result.info
+    if info.get("restored_units"):
+        print(f"      resumed: {info['restored_units']} reconstructed units restored from {journal.folder}",
+              file=sys.stderr)
     print(f"[3/3] saving to {args.out}", file=sys.stderr)
     model_ref = args.model if not os.path.isdir(args.model) else str(Path(args.model).resolve())
     meta = jsonable({"model": model_ref, "method": args.method, "bits": args.bits, "seed": args.seed,
                      "calib_seed": traj_seed, "n_trajectories": n_traj, "sampler": model.sampler.describe(),
                      "trajectory_seconds": traj_seconds, "info": info})
     save_quantized(result.unet, args.out, meta)
+    journal.clear()
     sizes = packed_size_mb(result.unet)
     print(f"{args.method} {args.bits} on {model.name}: quantized in {info['quant_seconds']:.1f} s "
           f"(+{traj_seconds:.1f} s trajectories), calibration set {info['calib_size']}")

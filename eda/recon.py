@@ -35,6 +35,7 @@ from eda.adaround import AdaRoundQuantizer, annealed_b
 from eda.capture import collect_inputs, first_output
 from eda.convergence import plateaued, summarize, window_size
 from eda.fbr import capture_outputs, channel_dim, fbr_layers, fbr_loss
+from eda.journal import StageJournal
 from eda import quantizer
 from eda.quantizer import UniformQuantizer, lp_loss
 from eda.trajectories import CalibSet
@@ -122,10 +123,13 @@ def attach_adaround(layers: dict[str, QuantLayer]) -> list[AdaRoundQuantizer]:
 
 
 def reconstruct(qmodel: nn.Module, fp_unet: nn.Module, calib: CalibSet, cfg: ReconConfig | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, journal: StageJournal | None = None) -> dict:
     """Reconstruct every unit of `qmodel` in forward order against `fp_unet`; returns a report
-    {seconds, units: {name: {kind, losses (every iteration), loss (eda.convergence.summarize), layer_terms,
-    terms_first, seconds, mse_before, mse_after}}}."""
+    {seconds, restored, restored_seconds, units: {name: {kind, losses (every iteration), loss
+    (eda.convergence.summarize), layer_terms, terms_first, seconds, mse_before, mse_after}}}.
+
+    With a `journal` (eda.journal), units it holds are restored instead of reconstructed, as long as they form an
+    unbroken run from the first unit, and each unit reconstructed here is journalled when it is done."""
     cfg = cfg or ReconConfig()
     device = next(qmodel.parameters()).device
     w_on, a_on = get_quant_state(qmodel)
@@ -137,18 +141,60 @@ def reconstruct(qmodel: nn.Module, fp_unet: nn.Module, calib: CalibSet, cfg: Rec
                              "eda.units.reconstruction_units")
         units = [u for u in units if u.name in cfg.only]
     fp_modules = dict(fp_unet.named_modules())
-    report = {"units": {}, "config": dict(vars(cfg))}
+    report = {"units": {}, "config": dict(vars(cfg)), "restored": 0, "restored_seconds": 0.0}
     t0 = time.perf_counter()
+    restoring = journal is not None
     for idx, unit in enumerate(units):
-        log.info("reconstruction unit %d/%d: %s (%s, %d iterations)", idx + 1, len(units), unit.name, unit.kind,
-                 cfg.iters)
         fp_unit = fp_modules.get(unit.name)
         if fp_unit is None:
             raise BenchError(f"unit {unit.name} has no counterpart in the FP UNet; pass the UNet that was quantized")
-        report["units"][unit.name] = _reconstruct_unit(qmodel, fp_unet, unit, fp_unit, calib, cfg, idx, device,
-                                                       w_on, a_on, progress)
+        entry = journal.load(idx, unit.name) if restoring else None
+        if entry is not None:
+            restore_unit(unit, entry.state, cfg)
+            report["units"][unit.name] = entry.report
+            report["restored"] += 1
+            report["restored_seconds"] += float(entry.report.get("seconds") or 0.0)
+            log.info("reconstruction unit %d/%d: %s restored from the journal", idx + 1, len(units), unit.name)
+            continue
+        if restoring:
+            restoring = False
+            journal.truncate(idx)  # later entries were reconstructed after a state this run does not have
+        log.info("reconstruction unit %d/%d: %s (%s, %d iterations)", idx + 1, len(units), unit.name, unit.kind,
+                 cfg.iters)
+        res = _reconstruct_unit(qmodel, fp_unet, unit, fp_unit, calib, cfg, idx, device, w_on, a_on, progress)
+        report["units"][unit.name] = res
+        if journal is not None:
+            journal.save(idx, unit.name, unit_state(unit), res)
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def unit_state(unit: Unit) -> dict[str, torch.Tensor]:
+    """What reconstruction changed in a unit: its quantizers' tensors (names relative to the unit). The FP weights
+    and biases are left out: reconstruction learns rounding and step sizes, never the weights themselves."""
+    return {k: v for k, v in unit.module.state_dict().items() if "_quantizer" in k}
+
+
+def restore_unit(unit: Unit, state: dict[str, torch.Tensor], cfg: ReconConfig) -> None:
+    """Put a journalled unit back as reconstruction left it: AdaRound (hardened) where the journal holds alphas,
+    then every quantizer tensor loaded."""
+    for lname, layer in unit_layers(unit).items():
+        prefix = f"{lname}." if lname else ""
+        w = layer.module.weight.detach()
+        for qname, sl in layer.weight_parts():
+            if f"{prefix}{qname}.alpha" in state:
+                q = getattr(layer, qname)
+                if isinstance(q, UniformQuantizer):
+                    q = AdaRoundQuantizer(q, w[:, sl])
+                    setattr(layer, qname, q)
+                q.harden()
+    missing, unexpected = unit.module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "_quantizer" in k]
+    if missing or unexpected:
+        raise BenchError(f"the journal entry of unit {unit.name} does not fit the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); delete the journal folder and quantize again")
+    for q in unit_act_quantizers(unit):
+        q.qdrop_prob = cfg.qdrop_prob  # as _reconstruct_unit leaves it (inactive outside training)
 
 
 def _reconstruct_unit(qmodel, fp_unet, unit: Unit, fp_unit: nn.Module, calib: CalibSet, cfg: ReconConfig, idx: int,

@@ -32,6 +32,9 @@ import torch
 
 from eda.errors import UsageError
 
+if typing.TYPE_CHECKING:
+    from eda.journal import Journal
+
 # Modules that register the built-in methods, imported on the first registry lookup (one line per method file).
 BUILTIN_MODULES = ("eda.method", "baselines.rtn", "baselines.qdiffusion", "baselines.ptq4dm")
 
@@ -122,7 +125,9 @@ class Method:
         return 0, ()
 
     def quantize(self, model, bits: str, trajectories, seed: int = 0, overrides: dict | None = None,
-                 progress: bool = True) -> QuantResult:
+                 progress: bool = True, journal: Journal | None = None) -> QuantResult:
+        """`journal` (optional to accept): where to journal finished work so an interrupted run resumes
+        (eda.journal; PTQMethod passes it to every reconstruction stage)."""
         raise NotImplementedError
 
 
@@ -131,7 +136,7 @@ class FullPrecision(Method):
     """`fp`: no quantization; the reference row every method is compared with."""
 
     def quantize(self, model, bits: str = "W32A32", trajectories=None, seed: int = 0, overrides: dict | None = None,
-                 progress: bool = True) -> QuantResult:
+                 progress: bool = True, journal: Journal | None = None) -> QuantResult:
         m = self.configure(model, None, overrides)
         return QuantResult(model.unet, {"calib_size": 0, "allocation": None, "quant_seconds": 0.0,
                                         "config": m.knobs(), "method": self.name, "bits": "fp"})
@@ -228,7 +233,10 @@ class PTQMethod(Method):
                              f"record more (see calibration_request) or lower n_samples")
 
     def quantize(self, model, bits: str, trajectories, seed: int = 0, overrides: dict | None = None,
-                 progress: bool = True) -> QuantResult:
+                 progress: bool = True, journal: Journal | None = None) -> QuantResult:
+        """Quantize `model`. With a `journal` (eda.journal.Journal), each reconstructed unit is journalled, and a
+        rerun after an interruption restores those units and continues from the next; the caller clears the
+        journal once the result is safe. quant_seconds then counts restored units at the seconds they took."""
         from eda.recon import reconstruct
         from eda.wrap import init_ranges, quantize_unet, set_quant_state
 
@@ -241,22 +249,43 @@ class PTQMethod(Method):
         stages = m.stages(bits, seed)
         late_acts = any(stage.init_acts for stage in stages)
         init_subset = m.init_subset(calib, seed)
+        if journal is not None and stages:
+            journal.open(_journal_identity(m, bits, seed, stages),
+                         {**_calib_tensors("calib", calib), **_calib_tensors("init", init_subset),
+                          **{f"fp.{k}": v for k, v in model.unet.state_dict().items()}})
         init_ranges(qunet, init_subset, batch_size=m.init_batch, acts=not late_acts)
         reports = []
         for stage in stages:
             if stage.init_acts:
                 init_ranges(qunet, init_subset, batch_size=m.init_batch, weights=False, acts=True)
             set_quant_state(qunet, weights=stage.weights, acts=stage.acts)
-            rep = reconstruct(qunet, model.unet, calib, stage.config, progress=progress)
+            rep = reconstruct(qunet, model.unet, calib, stage.config, progress=progress,
+                              journal=None if journal is None else journal.stage(stage.name))
             reports.append({"stage": stage.name, **(rep or {})})
         set_quant_state(qunet, weights=True, acts=True)
+        restored = sum(r.get("restored", 0) for r in reports)
         info = {
             "method": self.name, "bits": policy.describe(), "calib_size": int(calib.xs.shape[0]),
-            "allocation": allocation, "quant_seconds": time.perf_counter() - t0, "config": m.knobs(),
+            "allocation": allocation, "restored_units": restored,
+            "quant_seconds": time.perf_counter() - t0 + sum(r.get("restored_seconds", 0.0) for r in reports),
+            "config": m.knobs(),
             "policy": dataclasses.asdict(policy), "recon": [_compact(r) for r in reports],
             "convergence": convergence(reports), "seed": seed, **extra,
         }
         return QuantResult(qunet, info)
+
+
+def _journal_identity(m: PTQMethod, bits: str, seed: int, stages: list[Stage]) -> dict:
+    """What, besides the data and weights, a journalled unit depends on (eda.journal's fingerprint)."""
+    return {"method": m.name, "knobs": m.knobs(), "bits": bits, "seed": seed,
+            "stages": [dataclasses.asdict(s) for s in stages]}
+
+
+def _calib_tensors(prefix: str, calib) -> dict:
+    out = {f"{prefix}.xs": calib.xs, f"{prefix}.ts": calib.ts}
+    for k, v in (calib.cond or {}).items():
+        out[f"{prefix}.cond.{k}"] = v
+    return out
 
 
 def _compact(report: dict) -> dict:

@@ -7,6 +7,7 @@ the method is looked up by name in eda.registry, never imported directly.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from bench.harness.heap import release_freed
 from bench.errors import BenchError
 from bench.harness.grid import FP_METHOD, Cell
 from bench.harness.int8_cell import int8_metrics
-from bench.harness.provenance import cpu_kernels, host, package_versions
+from bench.harness.provenance import code_state, cpu_kernels, host, package_versions
 from bench.models.sampling import SamplerConfig
 from bench.harness.seeds import calib_seed, eps_seed, sample_seed
 from bench.harness.store import DISK_FULL, empty_row
@@ -407,7 +408,7 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
     described: dict = {}
     scoring = CellScoring(model, cell, device, described) if cell.metrics else None
     info: dict[str, Any] = {}
-    qunet = None
+    qunet = journal = None
     if cell.method == FP_METHOD:
         row.update(quant_seconds=0.0, sampling_seconds=fp_set.seconds, calib_size=0, eps_mse=0.0)
     else:
@@ -415,12 +416,17 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
         row["calib_seed"] = int(traj.seed)
         log.info("calibration trajectories: %s steps x %s samples from seed %d", *tuple(traj.xs.shape[:2]), traj.seed)
         t = time.time()
-        res = get_method(cell.method).quantize(model, cell.bits, traj, cell.seed, overrides=dict(cell.overrides),
-                                               progress=False)
+        method = get_method(cell.method)
+        journal = cell_journal(cache, cell) if accepts_journal(method) else None
+        res = method.quantize(model, cell.bits, traj, cell.seed, overrides=dict(cell.overrides), progress=False,
+                              **({} if journal is None else {"journal": journal}))
         info = dict(res.info or {})
         qunet = res.unet
         row["quant_seconds"] = float(info.get("quant_seconds") or time.time() - t)
-        log.info("quantized with %s %s in %.1fs", cell.method, cell.bits, row["quant_seconds"])
+        restored = info.get("restored_units") or 0
+        log.info("quantized with %s %s in %.1fs%s", cell.method, cell.bits, row["quant_seconds"],
+                 f" ({restored} reconstructed units restored from the journal of an interrupted run)" if restored
+                 else "")
         row["calib_size"] = info.get("calib_size")
         alloc = info.get("allocation")
         row["allocation"] = None if alloc is None else [int(a) for a in alloc]
@@ -453,7 +459,24 @@ def run_cell(model, cell: Cell, cache: ArtifactCache, requests: list[tuple[str, 
                              default=str, sort_keys=True)
     row.update(status="ok", error="", total_seconds=time.time() - t0, peak_memory_mb=peak_memory_mb(device),
                time=_now())  # when the cell finished
-    return row, sample_grid_png(stream["grid"])
+    png = sample_grid_png(stream["grid"])
+    if journal is not None:
+        journal.clear()  # the cell is done; a failed one keeps its journal so that the retry resumes
+    return row, png
+
+
+def accepts_journal(method) -> bool:
+    """Whether a method's quantize takes `journal=` (built-in methods do; a plugin may not)."""
+    return "journal" in inspect.signature(method.quantize).parameters
+
+
+def cell_journal(cache: ArtifactCache, cell: Cell):
+    """The reconstruction journal of a cell (eda.journal): under the cache's local folder, keyed by the cell and
+    bound to the code's commit, so a cell interrupted mid-reconstruction (killed worker, lost node, ended job)
+    continues from its last finished unit when the grid resumes."""
+    from eda.journal import Journal
+
+    return Journal(cache.root / "journals" / cell.key, context=code_state())
 
 
 def failed_row(cell: Cell, context: dict, error: str, attempts: int = 1, seconds: float = math.nan) -> dict:

@@ -25,6 +25,22 @@ def git_commit() -> str:
         return ""
 
 
+def code_state() -> str:
+    """git_commit(), plus a hash of the uncommitted changes to tracked files when the tree is dirty: what a
+    reconstruction journal is bound to, so two different dirty trees never resume each other's work."""
+    commit = git_commit()
+    if not commit.endswith("-dirty"):
+        return commit
+    import hashlib
+
+    try:
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                              timeout=30)
+        return f"{commit}:{hashlib.sha1(diff.stdout).hexdigest()[:12]}"
+    except (OSError, subprocess.SubprocessError):
+        return commit
+
+
 def package_versions() -> dict[str, str]:
     """{package: version} of Python and the packages that move results."""
     from importlib.metadata import PackageNotFoundError, version
