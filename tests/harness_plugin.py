@@ -7,6 +7,7 @@ Imported in the driver and in every Ray worker, so it must not depend on pytest 
   test-raise  raises ValueError (a cell that raises is recorded as failed)
   test-crash  kills its worker with os._exit once per `marker` file (then behaves like test-ok)
   test-abort  kills its worker with os._exit every time
+  test-eda-crash  EDA-DM whose worker dies after `crash_after` reconstructed units, once per `marker` file
 """
 
 from __future__ import annotations
@@ -156,3 +157,35 @@ if "test-where" not in available_methods():
             res = super().quantize(model, bits, trajectories, seed, overrides, progress)
             res.info.update(code=[bench.__file__, eda.__file__], probe=os.environ.get("EDA_BENCH_PROBE"))
             return res
+
+
+if "test-eda-crash" not in available_methods():
+    from eda.method import EDADM
+
+    @register_method("test-eda-crash")
+    @dataclass(frozen=True)
+    class _EdaCrash(EDADM):
+        """EDA-DM whose worker process dies (os._exit) after `crash_after` reconstructed units, once per `marker`
+        file: a worker killed mid-reconstruction, whose retried cell resumes from the journal (eda/journal.py)."""
+
+        marker: str = ""
+        crash_after: int = 2
+
+        def quantize(self, model, bits, trajectories, seed=0, overrides=None, progress=True, journal=None):
+            import eda.recon as recon
+
+            m = self.configure(model, bits, overrides)
+            real, done = recon._reconstruct_unit, []
+
+            def dying(*args, **kwargs):
+                if m.marker and not os.path.exists(m.marker) and len(done) == m.crash_after:
+                    open(m.marker, "w").close()
+                    os._exit(1)
+                done.append(1)
+                return real(*args, **kwargs)
+
+            recon._reconstruct_unit = dying
+            try:
+                return super().quantize(model, bits, trajectories, seed, overrides, progress, journal)
+            finally:
+                recon._reconstruct_unit = real

@@ -11,6 +11,7 @@ from eda.journal import Journal
 from eda.registry import get_method
 from eda.units import reconstruction_units
 from tests.conftest import make_tiny_model, tiny
+from tests.conftest_ray import ray_session  # noqa: F401 - the session-wide Ray cluster
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 
@@ -174,3 +175,31 @@ def test_bench_quantize_resumes_an_interrupted_run(model_dir, tmp_path, monkeypa
     assert main(argv) == 0
     assert "resumed: 2 reconstructed units restored" in capsys.readouterr().err
     assert (out / "quant_config.json").is_file() and not (out / "journal").exists()
+
+
+def test_a_worker_killed_mid_reconstruction_is_retried_from_its_last_unit(ray_session, tmp_path):  # noqa: F811
+    """Through the whole harness: the worker process dies after two reconstructed units; Ray restarts it, the
+    driver retries the cell, and the retry restores the two units and ends with the results of a run that was never
+    interrupted."""
+    import json
+
+    from bench.harness.store import read_runs
+    from tests.test_run import run, write_grid
+
+    rows = {}
+    for name, crash in (("crashed", True), ("whole", False)):
+        marker = tmp_path / f"{name}.marker"
+        if not crash:
+            marker.touch()  # the marker exists: this run never dies
+        extra = (f'[method."test-eda-crash"]\nmarker = "{marker}"\ncrash_after = 2\nn_samples = 8\ninit_batch = 8\n'
+                 f'iters = 2\nbatch_size = 4\n')
+        (tmp_path / name).mkdir()
+        grid = write_grid(tmp_path / name, ["test-eda-crash"], bits=("W4A8",), extra=extra)
+        assert run("--grid", grid, "--out", str(tmp_path / name / "out"), "--retries", "1") == 0
+        rows[name] = read_runs(tmp_path / name / "out" / "runs").iloc[0]
+        assert not list((tmp_path / name / "out" / "cache" / "journals").rglob("*.json"))  # removed when done
+    crashed, whole = rows["crashed"], rows["whole"]
+    assert (tmp_path / "crashed.marker").exists() and crashed["status"] == "ok" and crashed["attempts"] == 2
+    assert json.loads(crashed["info"])["restored_units"] == 2 and json.loads(whole["info"])["restored_units"] == 0
+    assert whole["attempts"] == 1
+    assert crashed["eps_mse"] == whole["eps_mse"] and crashed["mse_vs_fp"] == whole["mse_vs_fp"]
