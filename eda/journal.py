@@ -156,6 +156,9 @@ class StageJournal:
         from safetensors.torch import save
 
         tpath, jpath = self._paths(idx)
+        # again here, not only in __init__: a Ray call reported lost (ActorUnavailableError) may still finish in
+        # the background and clear the journal while the retried cell writes to it
+        self.folder.mkdir(parents=True, exist_ok=True)
         _write_atomic(tpath, save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}))
         _write_atomic(jpath, json.dumps({"unit": unit, "report": report}, default=str).encode())
 

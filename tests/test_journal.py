@@ -203,3 +203,14 @@ def test_a_worker_killed_mid_reconstruction_is_retried_from_its_last_unit(ray_se
     assert json.loads(crashed["info"])["restored_units"] == 2 and json.loads(whole["info"])["restored_units"] == 0
     assert whole["attempts"] == 1
     assert crashed["eps_mse"] == whole["eps_mse"] and crashed["mse_vs_fp"] == whole["mse_vs_fp"]
+
+
+def test_a_journal_cleared_under_a_running_quantization_is_recreated(tmp_path):
+    """Two attempts of one cell can overlap (a Ray call reported lost that still finishes): the one that finishes
+    first clears the journal, and the other's next unit must still be journalled, not fail the cell."""
+    j = Journal(tmp_path / "j").open({"m": 1}, {})
+    stage = j.stage("s")
+    stage.save(0, "u0", {"a_quantizer.delta": torch.ones(2)}, {"seconds": 1.0})
+    j.clear()
+    stage.save(1, "u1", {"a_quantizer.delta": torch.zeros(2)}, {"seconds": 2.0})
+    assert stage.load(1, "u1").report == {"seconds": 2.0} and stage.load(0, "u0") is None
