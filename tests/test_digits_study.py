@@ -75,6 +75,13 @@ def test_no_conclusion_from_unconverged_cells(tmp_path):
     assert "| Q-Diffusion | " in text and "3 of 12" in text  # one unit on each of 3 seeds
 
 
+def test_not_yet_run_names_the_missing_seeds(tmp_path):
+    df = _rows()
+    df = df[~((df.method == "rtn") & (df.model == "digits-ddpm") & (df.seed == 2))]
+    text = study.render(df, allow_mixed=False, out_dir=tmp_path)
+    assert "digits-ddpm RTN W4A8 (seed 2)" in text
+
+
 def test_page_refuses_rows_of_several_commits_unless_told(tmp_path):
     df = _rows()
     df.loc[df.index[:5], "git_commit"] = "b" * 40 + "-dirty"

@@ -50,6 +50,12 @@ NAMES = {"rtn": "RTN", "ptq4dm": "PTQ4DM", "qdiffusion": "Q-Diffusion", "eda-dm"
 
 
 # ---- reading rows ---------------------------------------------------------------------------------------------------
+
+def _seeds(seeds: list[int]) -> str:
+    """'seed 2' or 'seeds 0, 1, 2'."""
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
 def info_of(row) -> dict:
     try:
         return json.loads(row["info"]) if isinstance(row["info"], str) and row["info"] else {}
@@ -165,7 +171,7 @@ def progress_lines(ok: pd.DataFrame, failed: pd.DataFrame, planned) -> list[str]
         for c in missing:
             groups.setdefault((c.model, c.method, c.bits), []).append(c.seed)
         lines += ["", "**Not yet run** (`python -m bench.run --grid digits --out DIR` with the same DIR resumes and runs "
-                  "only these): " + "; ".join(f"{m} {NAMES.get(me, me)} {b} (seeds {', '.join(map(str, s))})"
+                  "only these): " + "; ".join(f"{m} {NAMES.get(me, me)} {b} ({_seeds(s)})"
                                             for (m, me, b), s in groups.items()) + "."]
     if len(failed):
         lines += ["", "**Failed cells**: " + "; ".join(f"{r.model} {r.method} {r.bits} seed {r.seed}: {r.error}"
