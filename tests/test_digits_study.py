@@ -102,3 +102,15 @@ def test_rows_of_another_configuration_are_left_out(tmp_path):
     assert "| RTN | " not in text.split("## digits-ddpm")[1].split("## digits-cosine")[0]
     with pytest.raises(Exception, match="none of the"):
         study.render(df[sel], allow_mixed=False, out_dir=tmp_path)
+
+
+def test_tdac_description_says_when_density_drops_out():
+    """At r where every (or no) step pair is within the radius, density is constant and TDAC allocates by
+    diversity alone: the page must say so, and must not say it when density discriminates."""
+    cfg = {"radius": 3.0}
+    degenerate = study._density_regime({"dense_fraction": 1.0, "mse_median": 0.25, "mse_max": 1.55}, cfg)
+    assert "100% of step pairs" in degenerate and "diversity alone" in degenerate
+    assert "diversity alone" in study._density_regime({"dense_fraction": 0.0, "mse_median": 9, "mse_max": 20}, cfg)
+    mixed = study._density_regime({"dense_fraction": 0.81, "mse_median": 0.9, "mse_max": 5.7}, cfg)
+    assert "81% of step pairs" in mixed and "diversity alone" not in mixed
+    assert study._density_regime({}, cfg) == ""

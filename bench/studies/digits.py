@@ -300,7 +300,7 @@ def loss_curve_plot(d: pd.DataFrame, model: str, bits: str, out: Path) -> Path |
             picks.append((m, g.iloc[0]))
     if not picks:
         return None
-    fig, axes = plt.subplots(1, len(picks), figsize=(3.6 * len(picks), 3.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(picks), figsize=(max(3.6 * len(picks), 5.4), 3.0), squeeze=False, sharey=True)
     for ax, (m, r) in zip(axes[0], picks):
         units = unit_losses(info_of(r))
         for u in units:
@@ -335,9 +335,24 @@ def tdac_plot(d: pd.DataFrame, model: str, out: Path) -> str | None:
         if tdac and alloc:
             out.parent.mkdir(parents=True, exist_ok=True)
             plot_allocation(tdac, alloc, str(out), title=f"TDAC on {model}: N = {sum(alloc)}, seed {r.seed}")
-            return (f"{sum(alloc)} samples over {len(alloc)} steps, n_t from {min(alloc)} to {max(alloc)} "
+            desc = (f"{sum(alloc)} samples over {len(alloc)} steps, n_t from {min(alloc)} to {max(alloc)} "
                     f"(uniform would be {sum(alloc) / len(alloc):.1f})")
+            return desc + _density_regime(tdac, info_value(info, "config") or {})
     return None
+
+
+def _density_regime(tdac: dict, config: dict) -> str:
+    """How many step pairs lie within TDAC's density radius, and what that means (eda.tdac: at 0 or 1 the density
+    is equal at every step and drops out, so the allocation follows diversity alone)."""
+    frac, radius = tdac.get("dense_fraction"), config.get("radius")
+    if frac is None or radius is None:
+        return ""
+    text = (f"; density radius r = {radius:g}: {frac:.0%} of step pairs within it (pairwise feature MSE median "
+            f"{tdac.get('mse_median', float('nan')):.3g}, max {tdac.get('mse_max', float('nan')):.3g})")
+    if frac in (0.0, 1.0):
+        text += (", so density is the same at every step and the allocation follows diversity alone (the TDAC-only "
+                 "ablation then tests diversity-weighted calibration)")
+    return text
 
 
 def load_rows(runs: Path | None) -> pd.DataFrame:
