@@ -73,6 +73,9 @@ def test_no_conclusion_from_unconverged_cells(tmp_path):
     assert "Against Q-Diffusion: not judged (Q-Diffusion had unconverged units)" in w4
     assert "(not judged: unconverged units)" in text  # the paired table says so too
     assert "| Q-Diffusion | " in text and "3 of 12" in text  # one unit on each of 3 seeds
+    listed = next(ln for ln in text.splitlines() if ln.startswith("- Unconverged, Q-Diffusion W4A8: "))
+    assert listed.count("seed ") == 3 and "iterations): loss " in listed
+    assert "- Unconverged, EDA-DM" not in text  # its units all plateaued
 
 
 def test_not_yet_run_names_the_missing_seeds(tmp_path):

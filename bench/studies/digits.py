@@ -282,7 +282,32 @@ def budget_lines(d: pd.DataFrame) -> list[str]:
             bad = sum(not u.get("plateaued") for u in units)
             lines.append(f"| {NAMES[m]} | {bits} | {calib} | {caps} | {it.min()} / {int(np.median(it))} / {it.max()} "
                          f"| {bad} of {len(units)} | {g.quant_seconds.mean() / 60:.1f} |")
-    return lines + [""]
+    return lines + [""] + unconverged_lines(d)
+
+
+UNCONVERGED_LISTED = 6  # per method and setting; the rest are counted
+
+
+def unconverged_lines(d: pd.DataFrame) -> list[str]:
+    """Which units had not plateaued when their budget ran out, and how far their loss still moved: a reader can
+    tell a unit still falling steeply from one creeping down by a few percent."""
+    lines = []
+    for m in METHODS[1:]:
+        for bits in SETTINGS:
+            g = d[(d.method == m) & (d.bits == bits)].sort_values("seed")
+            bad = [(int(r.seed), u) for _, r in g.iterrows() for u in unit_losses(info_of(r)) if not u.get("plateaued")]
+            if not bad:
+                continue
+            shown = [f"seed {seed} {u['unit']} ({u['stage']}, {u['iters']} iterations): loss {u['first']:.3g} to "
+                     f"{u['last']:.3g} ({_change(u['first'], u['last'])})" for seed, u in bad[:UNCONVERGED_LISTED]]
+            more = f"; and {len(bad) - UNCONVERGED_LISTED} more" if len(bad) > UNCONVERGED_LISTED else ""
+            lines.append(f"- Unconverged, {NAMES[m]} {bits}: " + "; ".join(shown) + more + ".")
+    return lines + [""] if lines else []
+
+
+def _change(first: float, last: float) -> str:
+    """Relative change of a loss, first window to last, e.g. '-6%'."""
+    return f"{(last - first) / first:+.0%}" if first else "n/a"
 
 
 def loss_curve_plot(d: pd.DataFrame, model: str, bits: str, out: Path) -> Path | None:
