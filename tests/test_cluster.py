@@ -382,3 +382,94 @@ def test_a_probed_dry_run_counts_the_clusters_cpus_and_gpus(monkeypatch):
     assert cluster_totals() == {"CPU": 96.0, "GPU": 8.0}  # the nodes' totals, not the driver machine's
     fake.cluster_resources = lambda: {"CPU": 4.0}
     assert cluster_totals() == {"CPU": 4.0, "GPU": 0.0}
+
+
+class _FakeRef:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+
+class _FakeCall:
+    """Stands in for an actor method: `.remote(...)` records the call and returns a ref whose outcome (a value, or
+    an exception to raise from ray.get) comes from the script given for that method."""
+
+    def __init__(self, name, log, script):
+        self.name, self.log, self.script = name, log, script
+
+    def remote(self, *args):
+        self.log.append(self.name)
+        return _FakeRef(self.script[self.name].pop(0))
+
+
+class _FakeActor:
+    def __init__(self, script):
+        self.calls: list[str] = []
+        for name in ("run", "result_of", "where"):
+            setattr(self, name, _FakeCall(name, self.calls, script))
+
+
+def _dispatch(monkeypatch, script):
+    """Run one cell through the Dispatcher against a scripted actor; ray.wait/ray.get resolve the scripted refs."""
+    import ray
+
+    from bench.harness.worker import Dispatcher, Slot
+
+    def get(ref, timeout=None):
+        if isinstance(ref.outcome, Exception):
+            raise ref.outcome
+        return ref.outcome
+
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: (refs[:1], refs[1:]))
+    monkeypatch.setattr(ray, "get", get)
+    actor, results = _FakeActor(script), []
+    d = Dispatcher([Slot(actor=actor)], None, {}, {"run_id": "r"}, "/c",
+                   lambda cell, result, attempts: results.append((result, attempts)), 1, None)
+    d.run([_cell("m")])
+    return actor.calls, results, d.stats
+
+
+def _ok():
+    return {"row": {"status": "ok", "error": None}, "png": None, "log": "", "load_error": False}
+
+
+def test_a_run_lost_to_an_unreachable_worker_is_collected_not_run_again(monkeypatch):
+    """ActorUnavailableError: the call may have run to the end (a worker stopped, then continued). The driver asks
+    the actor for that cell's result instead of running the cell again; a re-queue would redo a whole cell."""
+    import ray
+
+    lost = ray.exceptions.ActorUnavailableError("unreachable", None)
+    calls, results, stats = _dispatch(monkeypatch, {"run": [lost], "result_of": [_ok()], "where": []})
+    assert calls == ["run", "result_of"]  # the cell ran once
+    assert results == [(_ok(), 1)] and stats["recovered"] == 1 and stats["crashes"] == 0
+
+    # still unreachable when asked: ask again (bounded), then get the result
+    calls, results, stats = _dispatch(monkeypatch, {"run": [lost], "result_of": [lost, _ok()], "where": []})
+    assert calls == ["run", "result_of", "result_of"] and results == [(_ok(), 1)]
+
+
+def test_a_run_the_worker_did_not_finish_is_run_again(monkeypatch):
+    """The actor answers but has no result for the cell (it restarted): the cell is re-queued like a crash; an
+    actor that stays unreachable is given up on after MAX_RESULT_ASKS asks, and the cell re-queued."""
+    import ray
+
+    from bench.harness.worker import MAX_RESULT_ASKS
+
+    lost = ray.exceptions.ActorUnavailableError("unreachable", None)
+    calls, results, stats = _dispatch(monkeypatch, {"run": [lost, _ok()], "result_of": [None], "where": ["n"]})
+    assert calls == ["run", "result_of", "where", "run"]
+    assert results == [(_ok(), 2)] and stats["crashes"] == 1 and stats["recovered"] == 0
+
+    calls, results, stats = _dispatch(monkeypatch, {"run": [lost, _ok()], "result_of": [lost] * MAX_RESULT_ASKS,
+                                                    "where": ["n"]})
+    assert calls == ["run", *["result_of"] * MAX_RESULT_ASKS, "where", "run"] and results == [(_ok(), 2)]
+
+
+def test_a_worker_hands_over_only_the_result_of_the_cell_asked_for():
+    from bench.harness.worker import CellWorker
+
+    w = CellWorker.__ray_actor_class__.__new__(CellWorker.__ray_actor_class__)
+    w.finished = None
+    assert w.result_of("k1") is None  # restarted: nothing finished here
+    w.finished = ("k1", _ok())
+    assert w.result_of("k2") is None  # another cell: not this one's result
+    assert w.result_of("k1") == _ok() and w.result_of("k1") is None  # handed over once
