@@ -231,9 +231,7 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path, store: str | 
         if started:
             ray.shutdown()
     failed = counts["failed"] + stats["failed"]
-    recovered = (f", {stats['recovered']} result(s) recovered from workers that were unreachable for a while"
-                 if stats.get("recovered") else "")
-    print(f"grid {grid.name}: {stats['ok']} ok, {failed} failed, {stats['crashes']} worker crash(es){recovered} in "
+    print(f"grid {grid.name}: {stats['ok']} ok, {failed} failed, {stats['crashes']} worker crash(es) in "
           f"{time.time() - t0:.0f}s; results in {runs_dir(store)}, logs in {out / 'logs' / grid.name}")
     if failed:
         raise BenchError(f"{failed} cell(s) failed; their errors are in the store and in {out / 'logs' / grid.name}")

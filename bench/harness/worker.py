@@ -4,10 +4,7 @@ model, fed by a driver loop that prefers giving an actor cells of the model it a
 Fault tolerance: the actor restarts itself after a crash (max_restarts); calls are never retried
 by Ray (max_task_retries=0) because the call that killed an actor usually kills it again, so the driver re-queues the
 cell itself, at most `retries` times, then records it as failed. A cell that raises inside the actor is caught there
-and returned as a failed row. A call that fails with ActorUnavailableError (the actor was unreachable for a while:
-a stopped process, a network partition) "may or may not have been executed" (Ray's documentation), so before
-re-queueing the cell the driver asks the actor for the result of its last finished cell: a call that ran to the end
-after all is collected instead of run again. The driver is the only writer of the store (one Parquet file per cell, as results
+and returned as a failed row. The driver is the only writer of the store (one Parquet file per cell, as results
 arrive), so a crash loses at most the cells in flight, and workers on other nodes need no shared filesystem.
 """
 
@@ -30,7 +27,6 @@ from bench.harness.grid import Cell
 
 MAX_RESTARTS = 3  # per actor; after that the driver replaces the actor (bounded by MAX_REPLACEMENTS)
 MAX_REPLACEMENTS = 4
-MAX_RESULT_ASKS = 3  # times the driver asks an unreachable actor for a lost call's result before re-queueing the cell
 UNPLACEABLE_WAIT_S = 300  # how long cells that no live actor may run wait for a replacement actor to answer
 
 
@@ -49,7 +45,6 @@ class CellWorker:
         self.cache = None
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.model_name, self.model = None, None
-        self.finished: tuple[str, dict] | None = None  # (cell key, result) of the last cell run here
 
     def where(self) -> str:
         """The Ray node this actor runs on (a restarted actor may have moved): the dispatcher gives an actor only
@@ -67,18 +62,7 @@ class CellWorker:
         buf = io.StringIO()
         with cell_logging(f"bench.harness.cell.{os.getpid()}", buf, sink, cell.label()) as log:
             row, png, load_error = self._run(cell, requests, context, log)
-        result = {"row": row, "png": png, "log": buf.getvalue(), "load_error": load_error}
-        self.finished = (cell.key, result)
-        return result
-
-    def result_of(self, cell_key: str) -> dict | None:
-        """The result of the last cell run here, if it is `cell_key`: the driver asks after a call to `run` failed
-        with ActorUnavailableError. Calls run one at a time, so this one waits for a `run` still in progress. None
-        when this actor did not finish that cell (it restarted, or never got the call)."""
-        if self.finished is None or self.finished[0] != cell_key:
-            return None
-        result, self.finished = self.finished[1], None
-        return result
+        return {"row": row, "png": png, "log": buf.getvalue(), "load_error": load_error}
 
     def _run(self, cell: Cell, requests: list, context: dict, log: logging.Logger) -> tuple[dict, bytes | None, bool]:
         from bench.harness.cell import failed_row, format_error, format_traceback, is_out_of_memory, run_cell
@@ -331,10 +315,9 @@ class Dispatcher:
         self.placement = placement
         self.pending = Pending()
         self.inflight: dict = {}  # ref -> (slot, cell, or None for a `where` call that waits for the actor's node)
-        self.asking: dict = {}  # ref of a `result_of` call -> (times asked, the error that lost the `run` call)
         self.idle_since: float | None = None  # since when cells wait that no live actor may run
         self.attempts: dict[str, int] = {}
-        self.stats = {"ok": 0, "failed": 0, "crashes": 0, "replaced": 0, "recovered": 0}
+        self.stats = {"ok": 0, "failed": 0, "crashes": 0, "replaced": 0}
         self.sink, self.on_log = None, None  # LogSink and its callback (execute sets them)
 
     def drain_logs(self) -> None:
@@ -419,23 +402,11 @@ class Dispatcher:
 
     def _collect(self, ref) -> None:
         slot, cell = self.inflight.pop(ref)
-        asked, lost = self.asking.pop(ref, (0, None))
         try:
             result = ray.get(ref)
-        except ray.exceptions.ActorUnavailableError as e:
-            if cell is not None and asked < MAX_RESULT_ASKS:
-                self._ask_for_result(slot, cell, asked + 1, lost or e)
-            else:
-                self._crashed(slot, cell, lost or e)
-            return
         except ray.exceptions.RayActorError as e:
             self._crashed(slot, cell, e)
             return
-        if lost is not None:
-            if result is None:  # the actor did not finish the cell (it restarted): run it again
-                self._crashed(slot, cell, lost)
-                return
-            self.stats["recovered"] += 1
         slot.busy = False
         if cell is None:  # `where` came back: the (restarted) actor is ready for work, on this node
             slot.node = result
@@ -446,13 +417,6 @@ class Dispatcher:
             slot.model = None
             for other in self.pending.drain(cell.model):
                 self._fail_without_running(other, result["row"]["error"], 0)
-
-    def _ask_for_result(self, slot: Slot, cell: Cell, times: int, lost: Exception) -> None:
-        """The `run` call of `cell` failed with ActorUnavailableError, yet it may still finish: ask the actor for its
-        result (answered once the call is done) instead of running the cell again elsewhere."""
-        ref = slot.actor.result_of.remote(cell.key)
-        self.asking[ref] = (times, lost)
-        self.inflight[ref] = (slot, cell)
 
     def _crashed(self, slot: Slot, cell: Cell | None, e: Exception) -> None:
         """The actor died mid-call. Ray restarts it (max_restarts); once restarts run out, replace it (bounded).
