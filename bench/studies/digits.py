@@ -51,11 +51,6 @@ NAMES = {"rtn": "RTN", "ptq4dm": "PTQ4DM", "qdiffusion": "Q-Diffusion", "eda-dm"
 
 # ---- reading rows ---------------------------------------------------------------------------------------------------
 
-def _seeds(seeds: list[int]) -> str:
-    """'seed 2' or 'seeds 0, 1, 2'."""
-    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
-
-
 def info_of(row) -> dict:
     try:
         return json.loads(row["info"]) if isinstance(row["info"], str) and row["info"] else {}
@@ -160,6 +155,11 @@ def planned_cells():
     return load_grid(GRID).cells()
 
 
+def _seeds(seeds: list[int]) -> str:
+    """'seed 2' or 'seeds 0, 1, 2'."""
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
 def progress_lines(ok: pd.DataFrame, failed: pd.DataFrame, planned) -> list[str]:
     """Cells of the grid file not yet in the rows (the grid resumes and runs only these), matched on the cell key:
     the full configuration (samples, sampler, knobs, batch size), not just model/method/bits/seed."""
@@ -261,16 +261,23 @@ def ranking_lines(ok: pd.DataFrame) -> list[str]:
     return lines
 
 
+UNCONVERGED_LISTED = 6  # per method and setting; the rest are counted
+
+
 def budget_lines(d: pd.DataFrame) -> list[str]:
-    """Iterations each reconstructing method actually ran per unit (from the recorded loss summaries)."""
+    """Iterations each reconstructing method actually ran per unit (from the recorded loss summaries), then which
+    units had not plateaued when their budget ran out and how far their loss still moved: a reader can tell a unit
+    still falling steeply from one creeping down by a few percent."""
     lines = ["| method | setting | calibration samples | iterations per unit (cap) | run per unit: min / median / max "
              "| unconverged units | quant. min (mean) |", "|---|---|---|---|---|---|---|"]
+    listed = []
     for m in METHODS[1:]:
         for bits in SETTINGS:
-            g = d[(d.method == m) & (d.bits == bits)]
+            g = d[(d.method == m) & (d.bits == bits)].sort_values("seed")
             if g.empty:
                 continue
-            units = [u for _, r in g.iterrows() for u in unit_losses(info_of(r))]
+            seeded = [(int(r.seed), u) for _, r in g.iterrows() for u in unit_losses(info_of(r))]
+            units = [u for _, u in seeded]
             calib = ", ".join(str(int(c)) for c in sorted(g.calib_size.dropna().unique())) or "-"
             if not units:
                 lines.append(f"| {NAMES[m]} | {bits} | {calib} | no reconstruction | - | - | "
@@ -279,30 +286,15 @@ def budget_lines(d: pd.DataFrame) -> list[str]:
             caps = " + ".join(f"{st} {max(u['budget'] for u in units if u['stage'] == st)}"
                               for st in dict.fromkeys(u["stage"] for u in units))
             it = np.array([u["iters"] for u in units])
-            bad = sum(not u.get("plateaued") for u in units)
+            bad = [(seed, u) for seed, u in seeded if not u.get("plateaued")]
             lines.append(f"| {NAMES[m]} | {bits} | {calib} | {caps} | {it.min()} / {int(np.median(it))} / {it.max()} "
-                         f"| {bad} of {len(units)} | {g.quant_seconds.mean() / 60:.1f} |")
-    return lines + [""] + unconverged_lines(d)
-
-
-UNCONVERGED_LISTED = 6  # per method and setting; the rest are counted
-
-
-def unconverged_lines(d: pd.DataFrame) -> list[str]:
-    """Which units had not plateaued when their budget ran out, and how far their loss still moved: a reader can
-    tell a unit still falling steeply from one creeping down by a few percent."""
-    lines = []
-    for m in METHODS[1:]:
-        for bits in SETTINGS:
-            g = d[(d.method == m) & (d.bits == bits)].sort_values("seed")
-            bad = [(int(r.seed), u) for _, r in g.iterrows() for u in unit_losses(info_of(r)) if not u.get("plateaued")]
-            if not bad:
-                continue
-            shown = [f"seed {seed} {u['unit']} ({u['stage']}, {u['iters']} iterations): loss {u['first']:.3g} to "
-                     f"{u['last']:.3g} ({_change(u['first'], u['last'])})" for seed, u in bad[:UNCONVERGED_LISTED]]
-            more = f"; and {len(bad) - UNCONVERGED_LISTED} more" if len(bad) > UNCONVERGED_LISTED else ""
-            lines.append(f"- Unconverged, {NAMES[m]} {bits}: " + "; ".join(shown) + more + ".")
-    return lines + [""] if lines else []
+                         f"| {len(bad)} of {len(units)} | {g.quant_seconds.mean() / 60:.1f} |")
+            if bad:
+                shown = [f"seed {seed} {u['unit']} ({u['stage']}, {u['iters']} iterations): loss {u['first']:.3g} to "
+                         f"{u['last']:.3g} ({_change(u['first'], u['last'])})" for seed, u in bad[:UNCONVERGED_LISTED]]
+                more = f"; and {len(bad) - UNCONVERGED_LISTED} more" if len(bad) > UNCONVERGED_LISTED else ""
+                listed.append(f"- Unconverged, {NAMES[m]} {bits}: " + "; ".join(shown) + more + ".")
+    return lines + [""] + (listed + [""] if listed else [])
 
 
 def _change(first: float, last: float) -> str:
