@@ -18,13 +18,13 @@ def _info(units: int, unconverged: int, iters: int = 500) -> str:
     return json.dumps({"recon": recon, "allocation": None})
 
 
-def _key(model, method, bits, seed) -> str:
-    """The cell key bench.run gives this cell of bench/grids/digits.toml."""
-    return next(c.key for c in study.planned_cells()
+def _key(model, method, bits, seed, grid=study.GRID) -> str:
+    """The cell key bench.run gives this cell of bench/grids/<grid>.toml."""
+    return next(c.key for c in study.planned_cells(grid)
                 if (c.model, c.method, c.bits, c.seed) == (model, method, bits, seed))
 
 
-def _rows(commit="a" * 40, qdiff_unconverged=0, eda_fid=(10.0, 11.0, 12.0)):
+def _rows(commit="a" * 40, qdiff_unconverged=0, eda_fid=(10.0, 11.0, 12.0), eda_unconverged=0):
     rows = []
     # fid per (method, seed): EDA-DM clearly below RTN on every seed; Q-Diffusion within noise of EDA-DM
     fid = {"rtn": (20.0, 21.5, 23.0), "ptq4dm": (30.0, 31.0, 29.0), "qdiffusion": (9.0, 13.0, 11.5),
@@ -40,7 +40,7 @@ def _rows(commit="a" * 40, qdiff_unconverged=0, eda_fid=(10.0, 11.0, 12.0)):
             for m, v in fid.items():
                 r = empty_row()
                 units = 0 if m in ("rtn", "ptq4dm") else 4
-                bad = qdiff_unconverged if m == "qdiffusion" else 0
+                bad = {"qdiffusion": qdiff_unconverged, "eda-dm": eda_unconverged}.get(m, 0)
                 r.update(grid="digits", model=model, method=m, bits="W4A8", w_bits=4, a_bits=8, seed=seed, samples=512,
                          status="ok", error="", cell_key=_key(model, m, "W4A8", seed), run_id="r", git_commit=commit,
                          fid=v[seed], fid_vs_fp=v[seed] - 4, eps_mse=v[seed] * 1e-3, quant_seconds=60.0,
@@ -117,3 +117,59 @@ def test_tdac_description_says_when_density_drops_out():
     mixed = study._density_regime({"dense_fraction": 0.81, "mse_median": 0.9, "mse_max": 5.7}, cfg)
     assert "81% of step pairs" in mixed and "diversity alone" not in mixed
     assert study._density_regime({}, cfg) == ""
+
+
+def _check_rows(commit="a" * 40, fid=None, unconverged=0):
+    """Rows of the convergence check (bench/grids/digits-converged.toml): EDA-DM and Q-Diffusion at W4A8."""
+    fid = fid or {"eda-dm": (9.0, 10.0, 11.0), "qdiffusion": (12.0, 13.5, 15.0)}
+    rows = []
+    for model in study.MODELS:
+        for seed in range(3):
+            for m, v in fid.items():
+                r = empty_row()
+                r.update(grid=study.CHECK_GRID, model=model, method=m, bits="W4A8", w_bits=4, a_bits=8, seed=seed,
+                         samples=512, status="ok", error="", cell_key=_key(model, m, "W4A8", seed, study.CHECK_GRID),
+                         run_id="c", git_commit=commit, fid=v[seed], fid_vs_fp=v[seed] - 4, eps_mse=v[seed] * 1e-3,
+                         quant_seconds=120.0, calib_size=1024, info=_info(4, unconverged, iters=2000),
+                         time=pd.Timestamp.now(tz="UTC"))
+                rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def test_convergence_check_judges_what_the_study_could_not(tmp_path):
+    """The study's EDA-DM and Q-Diffusion cells have unconverged units (not judged); the check's reruns plateaued
+    everywhere, so their comparisons are judged by the same paired rule, in their own section, and the study's
+    own verdicts stay 'not judged'."""
+    df = pd.concat([_rows(qdiff_unconverged=1, eda_unconverged=1), _check_rows()], ignore_index=True)
+    text = study.render(df, allow_mixed=False, out_dir=tmp_path)
+    assert "29 cells" not in text and "+ 12 of its convergence check" in text
+    main, check = text.split("## Convergence check: every unit run to its plateau")
+    assert "Against RTN: not judged (EDA-DM had unconverged units)" in main  # the study's verdict is unchanged
+    assert "12 of 12 planned cells done" in check
+    sec = check.split("### digits-ddpm W4A8")[1].split("### digits-cosine W4A8")[0]
+    w4 = next(ln for ln in sec.splitlines() if ln.startswith("- **W4A8**"))
+    # EDA-DM, longer cap minus RTN on FID: 9-20, 10-21.5, 11-23 -> -11.5 +- ...: lower; minus the rerun Q-Diffusion:
+    # -3, -3.5, -4 -> lower
+    assert w4.startswith("- **W4A8** (EDA-DM, longer cap minus the other, 3 paired seeds)")
+    assert "Against RTN: lower on FID -11.50" in w4
+    assert "Against Q-Diffusion, activations to plateau: lower on FID -3.50 ± 1.24" in w4
+    assert "| EDA-DM, longer cap | " in sec and "| Q-Diffusion, activations to plateau | " in sec
+    # what the longer budget changed, paired: EDA-DM rerun minus study: -1 on every seed
+    effect = next(ln for ln in sec.splitlines() if ln.startswith("| EDA-DM, longer cap minus EDA-DM |"))
+    assert "-1.00 ± 0.00 (lower)" in effect
+    assert (tmp_path / "plots" / "digits-study-digits-ddpm-W4A8-loss-check.png").is_file()
+    # the budget section lists the reruns' caps as run
+    assert "| EDA-DM, longer cap | W4A8 | 1024 | fbr 5000 | 2000 / 2000 / 2000 | 0 of 12 |" in text
+
+
+def test_convergence_check_with_unconverged_units_is_not_judged(tmp_path):
+    df = pd.concat([_rows(), _check_rows(unconverged=1)], ignore_index=True)
+    check = study.render(df, allow_mixed=False, out_dir=tmp_path).split("## Convergence check")[1]
+    assert "Against RTN: not judged (EDA-DM, longer cap had unconverged units)" in check
+
+
+def test_convergence_check_must_share_the_study_commit(tmp_path):
+    """The check pairs with the study's FP/RTN/PTQ4DM cells, so its rows must come from the same commit."""
+    df = pd.concat([_rows(), _check_rows(commit="c" * 40)], ignore_index=True)
+    with pytest.raises(Exception, match="several commits"):
+        study.render(df, allow_mixed=False, out_dir=tmp_path)

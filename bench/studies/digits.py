@@ -13,6 +13,10 @@ set and calibration draw cancel). The rows must come from one clean commit (benc
 Convergence: every reconstructing cell records, per unit, whether its loss curve plateaued (eda.convergence). A
 method/setting whose cells have an unconverged unit on any seed is shown with its unconverged fraction, and the
 page draws no conclusion from it: its paired comparisons read "not judged".
+
+Convergence check: rows of bench/grids/digits-converged.toml (run into the same --out) rerun EDA-DM and Q-Diffusion
+at W4A8 under budgets where every unit can plateau; the page shows them in their own section, as the methods
+"EDA-DM, longer cap" and "Q-Diffusion, activations to plateau", paired by seed with the study's cells.
 """
 
 from __future__ import annotations
@@ -46,7 +50,13 @@ COLUMNS = [("fid", "FID", 1, 1), ("kid", "KID x1e3", 1e3, 2), ("fid_vs_fp", "FID
 # least float-noisy of the three).
 PAIRED = [("fid", "FID"), ("fid_vs_fp", "FID vs FP"), ("eps_mse", "eps MSE")]
 NAMES = {"rtn": "RTN", "ptq4dm": "PTQ4DM", "qdiffusion": "Q-Diffusion", "eda-dm": "EDA-DM", "fp": "FP",
-         "eda-dm:tdac-only": "TDAC only", "eda-dm:fbr-only": "FBR only"}
+         "eda-dm:tdac-only": "TDAC only", "eda-dm:fbr-only": "FBR only",
+         "eda-dm@plateau": "EDA-DM, longer cap", "qdiffusion@plateau": "Q-Diffusion, activations to plateau"}
+# The convergence check (bench/grids/digits-converged.toml): its rows' methods are renamed so that they sit beside
+# the study's own cells of the same method without mixing with them.
+CHECK_GRID = "digits-converged"
+CHECK_METHODS = {"eda-dm": "eda-dm@plateau", "qdiffusion": "qdiffusion@plateau"}
+CHECK_BITS = "W4A8"
 
 
 # ---- reading rows ---------------------------------------------------------------------------------------------------
@@ -149,10 +159,10 @@ def verdict_cell(v: tuple[str, float, float, int], metric: str) -> str:
 
 
 # ---- page sections --------------------------------------------------------------------------------------------------
-def planned_cells():
+def planned_cells(grid: str = GRID):
     from bench.harness.grid import load_grid
 
-    return load_grid(GRID).cells()
+    return load_grid(grid).cells()
 
 
 def _seeds(seeds: list[int]) -> str:
@@ -160,7 +170,7 @@ def _seeds(seeds: list[int]) -> str:
     return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
 
-def progress_lines(ok: pd.DataFrame, failed: pd.DataFrame, planned) -> list[str]:
+def progress_lines(ok: pd.DataFrame, failed: pd.DataFrame, planned, grid: str = GRID) -> list[str]:
     """Cells of the grid file not yet in the rows (the grid resumes and runs only these), matched on the cell key:
     the full configuration (samples, sampler, knobs, batch size), not just model/method/bits/seed."""
     have = set(ok.cell_key)
@@ -170,20 +180,20 @@ def progress_lines(ok: pd.DataFrame, failed: pd.DataFrame, planned) -> list[str]
         groups: dict = {}
         for c in missing:
             groups.setdefault((c.model, c.method, c.bits), []).append(c.seed)
-        lines += ["", "**Not yet run** (`python -m bench.run --grid digits --out DIR` with the same DIR resumes and runs "
-                  "only these): " + "; ".join(f"{m} {NAMES.get(me, me)} {b} ({_seeds(s)})"
-                                            for (m, me, b), s in groups.items()) + "."]
+        lines += ["", f"**Not yet run** (`python -m bench.run --grid {grid} --out DIR` with the same DIR resumes and "
+                  "runs only these): " + "; ".join(f"{m} {NAMES.get(me, me)} {b} ({_seeds(s)})"
+                                                 for (m, me, b), s in groups.items()) + "."]
     if len(failed):
         lines += ["", "**Failed cells**: " + "; ".join(f"{r.model} {r.method} {r.bits} seed {r.seed}: {r.error}"
                                                       for r in failed.itertuples()) + "."]
     return lines + [""]
 
 
-def table_lines(d: pd.DataFrame, bits: str) -> list[str]:
+def table_lines(d: pd.DataFrame, bits: str, methods: list[str] = METHODS) -> list[str]:
     fp = d[d.method == "fp"]
     head = "| method | " + " | ".join(h for _, h, _, _ in COLUMNS) + " | unconverged units | quant. min |"
     lines = [head, "|---" * (len(COLUMNS) + 3) + "|"]
-    for m in METHODS:
+    for m in methods:
         g = fp if m == "fp" else d[(d.method == m) & (d.bits == bits)]
         if g.empty:
             continue
@@ -196,33 +206,36 @@ def table_lines(d: pd.DataFrame, bits: str) -> list[str]:
     return lines + [""]
 
 
-def paired_lines(d: pd.DataFrame, bits: str) -> list[str]:
-    others = [b for b in BASELINES + ABLATIONS if not d[(d.method == b) & (d.bits == bits)].empty]
-    if d[(d.method == "eda-dm") & (d.bits == bits)].empty or not others:
+def paired_lines(d: pd.DataFrame, bits: str, subject: str = "eda-dm",
+                 others: list[str] = BASELINES + ABLATIONS) -> list[str]:
+    others = [b for b in others if not d[(d.method == b) & (d.bits == bits)].empty]
+    if d[(d.method == subject) & (d.bits == bits)].empty or not others:
         return []
-    lines = [f"EDA-DM minus each other method at {bits}, paired by seed (negative: EDA-DM lower, i.e. better):", "",
+    name = NAMES[subject]
+    lines = [f"{name} minus each other method at {bits}, paired by seed (negative: {name} lower, i.e. better):", "",
              "| other method | " + " | ".join(h for _, h in PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
     for b in others:
-        lines.append(f"| {NAMES[b]} | " + " | ".join(verdict_cell(judge(d, "eda-dm", b, bits, m), m)
+        lines.append(f"| {NAMES[b]} | " + " | ".join(verdict_cell(judge(d, subject, b, bits, m), m)
                                                     for m, _ in PAIRED) + " |")
     return lines + [""]
 
 
-def findings(d: pd.DataFrame, model: str) -> list[str]:
+def findings(d: pd.DataFrame, subject: str = "eda-dm", others: list[str] = BASELINES + ABLATIONS,
+             settings: list[str] = SETTINGS) -> list[str]:
     """The discussion, generated: per setting, against each baseline and each ablation, which metrics separate."""
     out = []
-    for bits in SETTINGS:
-        if d[(d.method == "eda-dm") & (d.bits == bits)].empty:
+    for bits in settings:
+        if d[(d.method == subject) & (d.bits == bits)].empty:
             continue
         parts = []
-        for b in BASELINES + ABLATIONS:
+        for b in others:
             if d[(d.method == b) & (d.bits == bits)].empty:
                 continue
-            vs = {m: judge(d, "eda-dm", b, bits, m) for m, _ in PAIRED}
+            vs = {m: judge(d, subject, b, bits, m) for m, _ in PAIRED}
             kinds = {v[0] for v in vs.values()}
             label = dict(PAIRED)
             if kinds & {"unconverged"}:
-                bad = [x for x in ("eda-dm", b) if not converged(d, x, bits)]
+                bad = [x for x in (subject, b) if not converged(d, x, bits)]
                 parts.append(f"against {NAMES[b]}: not judged ({' and '.join(NAMES[x] for x in bad)} had unconverged "
                              "units)")
                 continue
@@ -237,8 +250,8 @@ def findings(d: pd.DataFrame, model: str) -> list[str]:
             what = " (ablation)" if b in ABLATIONS else ""
             parts.append(f"against {NAMES[b]}{what}: " + "; ".join(said))
         if parts:
-            n = int(d[(d.method == "eda-dm") & (d.bits == bits)].seed.nunique())
-            out.append(f"- **{bits}** (EDA-DM minus the other, {n} paired seeds): " + ". ".join(
+            n = int(d[(d.method == subject) & (d.bits == bits)].seed.nunique())
+            out.append(f"- **{bits}** ({NAMES[subject]} minus the other, {n} paired seeds): " + ". ".join(
                 p[0].upper() + p[1:] for p in parts) + ".")
     return out
 
@@ -264,14 +277,14 @@ def ranking_lines(ok: pd.DataFrame) -> list[str]:
 UNCONVERGED_LISTED = 6  # per method and setting; the rest are counted
 
 
-def budget_lines(d: pd.DataFrame) -> list[str]:
+def budget_lines(d: pd.DataFrame, methods: list[str] = METHODS[1:]) -> list[str]:
     """Iterations each reconstructing method actually ran per unit (from the recorded loss summaries), then which
     units had not plateaued when their budget ran out and how far their loss still moved: a reader can tell a unit
     still falling steeply from one creeping down by a few percent."""
     lines = ["| method | setting | calibration samples | iterations per unit (cap) | run per unit: min / median / max "
              "| unconverged units | quant. min (mean) |", "|---|---|---|---|---|---|---|"]
     listed = []
-    for m in METHODS[1:]:
+    for m in methods:
         for bits in SETTINGS:
             g = d[(d.method == m) & (d.bits == bits)].sort_values("seed")
             if g.empty:
@@ -302,7 +315,11 @@ def _change(first: float, last: float) -> str:
     return f"{(last - first) / first:+.0%}" if first else "n/a"
 
 
-def loss_curve_plot(d: pd.DataFrame, model: str, bits: str, out: Path) -> Path | None:
+LOSS_PLOT_METHODS = ["eda-dm", "qdiffusion", *ABLATIONS, "ptq4dm"]
+
+
+def loss_curve_plot(d: pd.DataFrame, model: str, bits: str, out: Path,
+                    methods: list[str] = LOSS_PLOT_METHODS) -> Path | None:
     """One cell per reconstructing method (the lowest seed): every unit's loss curve (window means, divided by the
     first), x = iteration; plateaued units solid, unconverged dashed."""
     import matplotlib
@@ -311,7 +328,7 @@ def loss_curve_plot(d: pd.DataFrame, model: str, bits: str, out: Path) -> Path |
     import matplotlib.pyplot as plt
 
     picks = []
-    for m in ["eda-dm", "qdiffusion", *ABLATIONS, "ptq4dm"]:
+    for m in methods:
         g = d[(d.method == m) & (d.bits == bits)].sort_values("seed")
         if not g.empty and unit_losses(info_of(g.iloc[0])):
             picks.append((m, g.iloc[0]))
@@ -373,9 +390,11 @@ def _density_regime(tdac: dict, config: dict) -> str:
 
 
 def load_rows(runs: Path | None) -> pd.DataFrame:
+    """The study's rows and those of its convergence check (CHECK_GRID), from a results store or the committed file."""
     if runs is not None:
-        df = read_runs(runs, grid=GRID)
-        if df.empty:
+        df = pd.concat([f for f in (read_runs(runs, grid=GRID), read_runs(runs, grid=CHECK_GRID)) if not f.empty]
+                       or [read_runs(runs, grid=GRID)], ignore_index=True)
+        if df[df.grid == GRID].empty:
             raise SystemExit(f"error: no rows of grid {GRID!r} under {runs}; run `python -m bench.run --grid digits "
                              "--out DIR` and pass --runs DIR/runs")
         return df
@@ -385,27 +404,87 @@ def load_rows(runs: Path | None) -> pd.DataFrame:
     return read_file(path)
 
 
+def budget_effect_lines(d: pd.DataFrame, bits: str) -> list[str]:
+    """Each rerun method minus the study's cell of the same method, paired by seed: what the longer budget changed
+    (the unconverged units' share of the result), not a comparison of methods."""
+    rows = []
+    for m, rerun in CHECK_METHODS.items():
+        if d[(d.method == m) & (d.bits == bits)].empty or d[(d.method == rerun) & (d.bits == bits)].empty:
+            continue
+        vals = []
+        for metric, _ in PAIRED:
+            mean, h, n = paired(d, rerun, m, bits, metric)
+            word = ("" if n < 2 or not np.isfinite(h) else " (lower)" if mean + h < 0 else " (higher)" if mean - h > 0
+                    else " (no difference)")
+            vals.append(fmt_diff(metric, mean, h) + word if n else "-")
+        rows.append(f"| {NAMES[rerun]} minus {NAMES[m]} | " + " | ".join(vals) + " |")
+    if not rows:
+        return []
+    return ["What the longer budget changed: the rerun minus the study's cell of the same method, paired by seed:", "",
+            "| difference | " + " | ".join(h for _, h in PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|", *rows, ""]
+
+
+def check_lines(ok: pd.DataFrame, ok_check: pd.DataFrame, failed: pd.DataFrame, planned, out_dir: Path) -> list[str]:
+    """The convergence check's section: its cells beside the study's at CHECK_BITS, EDA-DM (longer cap) paired with
+    the baselines by the study's rule, and what the longer budgets changed."""
+    subject, qdiff = CHECK_METHODS["eda-dm"], CHECK_METHODS["qdiffusion"]
+    lines = ["## Convergence check: every unit run to its plateau", "",
+             "Under the study's budgets some units had not plateaued when their budget ran out, and the sections "
+             f"above draw no conclusion from those cells. bench/grids/{CHECK_GRID}.toml reruns EDA-DM and Q-Diffusion "
+             f"at {CHECK_BITS} under budgets where every unit can plateau: EDA-DM with a longer cap (*{NAMES[subject]}*)"
+             f", Q-Diffusion with its activation stage stopped on its plateau instead of after a fixed count "
+             f"(*{NAMES[qdiff]}*); the caps as run are in the budget section. Seeds, calibration draws, samples and "
+             "sampler equal the study's, so these cells pair by seed with its FP, RTN and PTQ4DM cells, and the same "
+             "rule applies: a conclusion only where every unit of both cells plateaued.", "",
+             *progress_lines(ok_check, failed, planned, CHECK_GRID)]
+    both = pd.concat([ok, ok_check], ignore_index=True)
+    for model in MODELS:
+        d = both[both.model == model]
+        if d[d.method.isin(list(CHECK_METHODS.values()))].empty:
+            continue
+        lines += [f"### {model} {CHECK_BITS}", "",
+                  *table_lines(d, CHECK_BITS, ["fp", "rtn", "ptq4dm", "qdiffusion", qdiff, "eda-dm", subject]),
+                  *paired_lines(d, CHECK_BITS, subject, ["rtn", "ptq4dm", qdiff]),
+                  *budget_effect_lines(d, CHECK_BITS)]
+        found = findings(d, subject, ["rtn", "ptq4dm", qdiff], [CHECK_BITS])
+        if found:
+            lines += ["Generated from the paired intervals above, as in the study's sections:", "", *found, ""]
+        p = loss_curve_plot(d, model, CHECK_BITS, out_dir / "plots" / f"digits-study-{model}-{CHECK_BITS}-loss-check.png",
+                            [subject, qdiff])
+        if p:
+            lines += [f"![{model} {CHECK_BITS} loss curves, convergence check](plots/{p.name})", ""]
+    return lines
+
+
 def render(df: pd.DataFrame, allow_mixed: bool, out_dir: Path = HERE) -> str:
-    planned = planned_cells()
-    keys = {c.key for c in planned}
-    foreign = df[~df.cell_key.isin(keys)]  # rows of another configuration than bench/grids/digits.toml
-    df = df[df.cell_key.isin(keys)]
+    checks = df[df.grid == CHECK_GRID]  # the convergence check's rows (bench/grids/digits-converged.toml)
+    df = df[df.grid != CHECK_GRID]
+    planned, check_planned = planned_cells(), planned_cells(CHECK_GRID)
+    keys, check_keys = {c.key for c in planned}, {c.key for c in check_planned}
+    # rows of another configuration than the grid files
+    foreign = pd.concat([df[~df.cell_key.isin(keys)], checks[~checks.cell_key.isin(check_keys)]])
+    df, checks = df[df.cell_key.isin(keys)], checks[checks.cell_key.isin(check_keys)]
     ok = with_convergence(df[df.status == "ok"])
     failed = df[df.status != "ok"]
+    ok_check = with_convergence(checks[checks.status == "ok"])
+    ok_check["method"] = ok_check.method.map(lambda m: CHECK_METHODS.get(m, m))
+    failed_check = checks[checks.status != "ok"]
     if ok.empty:
         raise UsageError(f"none of the {len(foreign)} rows has the configuration of bench/grids/digits.toml (cell keys "
                          "differ: other samples, budgets or knobs); run `python -m bench.run --grid digits` as is")
-    source = require_one_commit(ok, "digits study", allow_mixed)
-    require_one_configuration(ok, "digits study")
+    both = pd.concat([ok, ok_check], ignore_index=True)
+    source = require_one_commit(both, "digits study", allow_mixed)
+    require_one_configuration(both, "digits study")
     seeds = sorted(ok.seed.unique())
     samples = sorted(int(s) for s in ok.samples.dropna().unique())
+    n_cells = f"{len(ok)} cells" + (f" + {len(ok_check)} of its convergence check" if len(ok_check) else "")
     lines = ["# Digits study: EDA-DM against its baselines on two digits models", "",
-             f"Rows from {source} · {len(ok)} cells · seeds {', '.join(map(str, seeds))} · "
+             f"Rows from {source} · {n_cells} · seeds {', '.join(map(str, seeds))} · "
              f"{' / '.join(map(str, samples))} samples per cell · regenerate: `python -m bench.run --grid digits "
              "--out DIR && python -m bench.studies.digits --runs DIR/runs`", "",
              *progress_lines(ok, failed, planned),
              *([f"{len(foreign)} rows of another configuration (other samples, budgets or knobs than "
-                "bench/grids/digits.toml) are left out.", ""] if len(foreign) else []),
+                f"bench/grids/digits.toml or {CHECK_GRID}.toml) are left out.", ""] if len(foreign) else []),
              "Each entry is the mean over seeds ± the 95% Student-t half-width (3 seeds: t = 4.30). FID and KID use "
              "Inception features against the 360 held-out digits; *vs FP* compares with the FP model's samples from "
              "the same seed and initial noise; digits-FID uses the small digits classifier "
@@ -421,7 +500,7 @@ def render(df: pd.DataFrame, allow_mixed: bool, out_dir: Path = HERE) -> str:
             if d[d.bits == bits].empty:
                 continue
             lines += [f"### {bits}", "", *table_lines(d, bits), *paired_lines(d, bits)]
-        found = findings(d, model)
+        found = findings(d)
         if found:
             lines += [f"### What the {model} rows show", "",
                       "Generated from the paired intervals above: *lower/higher* means the 95% interval of EDA-DM "
@@ -438,15 +517,19 @@ def render(df: pd.DataFrame, allow_mixed: bool, out_dir: Path = HERE) -> str:
     rank = ranking_lines(ok)
     if rank:
         lines += ["## Does the ranking hold beyond one network?", "", *rank, ""]
+    if len(ok_check) or len(failed_check):
+        lines += check_lines(ok, ok_check, failed_check, check_planned, out_dir)
     lines += ["## Budgets as run", "",
               "Reconstruction under `budget = \"converged\"` stops a unit once its loss has plateaued "
               "(eda.convergence: the second half of the curve brought under 10% of its decrease), capped by the "
               "official count; Q-Diffusion runs a fixed 10% of its official count because its AdaRound temperature "
-              "schedule spans the whole budget (bench/grids/digits.toml).", ""]
+              "schedule spans the whole budget (bench/grids/digits.toml)."
+              + (f" The convergence check's budgets are set in bench/grids/{CHECK_GRID}.toml." if len(ok_check) else ""),
+              ""]
     for model in MODELS:
-        d = ok[ok.model == model]
+        d = both[both.model == model]
         if not d.empty:
-            lines += [f"**{model}**", "", *budget_lines(d)]
+            lines += [f"**{model}**", "", *budget_lines(d, METHODS[1:] + list(CHECK_METHODS.values()))]
     return "\n".join(lines) + "\n"
 
 
