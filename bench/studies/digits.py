@@ -1,6 +1,7 @@
 """Render the digits methods study from its rows.
 
     python -m bench.run --grid digits --out DIR          # 114 cells on two models (resumable: same command)
+    python -m bench.run --grid digits-converged --out DIR  # its convergence check: 12 cells (optional)
     python -m bench.studies.digits --runs DIR/runs       # -> results/digits-study.md, results/digits-study.parquet,
                                                          #    results/plots/digits-study-*.png
     python -m bench.studies.digits                       # re-render from the committed results/digits-study.parquet
