@@ -5,6 +5,9 @@ tests/harness_plugin.py (the `test-tiny` model). Imported in the driver and in e
              that is still running when the test kills the driver
   test-oom       raises MemoryError, as a host allocation that does not fit would
   test-oom-cuda  raises torch.OutOfMemoryError with the CUDA caching allocator's (multi-line) message
+  test-stall  pauses its own worker process (SIGSTOP) for `stall_s` seconds, once per `marker` file, then behaves
+             like test-ok; every quantization appends a line to `count`: a node that stops answering for a while
+             and then finishes its cell (with short gRPC keepalives the driver sees ActorUnavailableError)
 """
 
 from __future__ import annotations
@@ -48,3 +51,25 @@ if "test-wait" not in available_methods():
     @dataclass(frozen=True)
     class _OomCuda(_Oom):
         kind: str = "cuda"
+
+if "test-stall" not in available_methods():
+
+    @register_method("test-stall")
+    @dataclass(frozen=True)
+    class _Stall(_Fake):
+        stall_s: float = 20.0
+        count: str = ""
+
+        def misbehave(self, m):
+            import subprocess
+
+            if m.count:
+                with open(m.count, "a") as fh:
+                    fh.write("quantized\n")
+            if m.marker and not os.path.exists(m.marker):
+                open(m.marker, "w").close()
+                pid = os.getpid()
+                # a detached helper stops this process and resumes it; the cell sleeps through the pause
+                subprocess.Popen(["sh", "-c", f"sleep 0.5; kill -STOP {pid}; sleep {m.stall_s}; kill -CONT {pid}"],
+                                 start_new_session=True)
+                time.sleep(1.0 + 1.0)

@@ -435,3 +435,104 @@ def test_driver_checks_the_zoo_split(tmp_path, monkeypatch):
     (tmp_path / "data" / "coco" / "val2014").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "coco" / "val2014" / "a.png")
     assert reference_status(cell) == (True, "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a worker the driver lost contact with, which then finished its cell: the result is handed over, not recomputed
+
+
+def _handoff_result(png=b"\x89PNG fake"):
+    import numpy as np
+
+    row = make_row(method="test-ok", fid=12.5)
+    row.update(eps_mse_per_step=np.array([0.1, 0.2]), allocation=np.array([3, 1]))
+    return {"row": row, "png": png, "log": "line one\nline two\n", "load_error": False}
+
+
+def test_handoff_round_trip_stores_the_same_row(tmp_path):
+    from bench.harness import handoff
+
+    result = _handoff_result()
+    path = handoff.path_for(tmp_path / "cache", "run-1", result["row"]["cell_key"])
+    handoff.save(path, result)
+    assert temps(tmp_path) == [] and path.is_file()
+    got = handoff.take(path)
+    assert not path.exists()  # taken once
+    assert got["png"] == result["png"] and got["log"] == result["log"] and got["load_error"] is False
+    # written to the store, the handed-over row is the row itself
+    a, b = write_row(tmp_path / "a", result["row"]), write_row(tmp_path / "b", got["row"])
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(pq.read_table(a).to_pandas(), pq.read_table(b).to_pandas())  # NaN equals NaN
+    assert handoff.take(path) is None
+    path.write_bytes(b"not parquet")  # a corrupt handoff is ignored (the cell runs again) and removed
+    assert handoff.take(path) is None and not path.exists()
+
+
+def test_handoff_prune_keeps_this_run_and_recent_ones(tmp_path):
+    from bench.harness import handoff
+
+    for run_id in ("old", "recent", "this"):
+        handoff.save(handoff.path_for(tmp_path, run_id, "k"), _handoff_result())
+    old = tmp_path / handoff.DIR / "old"
+    os.utime(old, (time.time() - handoff.KEEP_S - 60,) * 2)
+    this = tmp_path / handoff.DIR / "this"
+    os.utime(this, (time.time() - handoff.KEEP_S - 60,) * 2)
+    handoff.prune(tmp_path, "this")
+    assert not old.exists() and this.exists() and (tmp_path / handoff.DIR / "recent").exists()
+
+
+def test_worker_hands_a_finished_result_to_the_next_attempt(ray_session, tmp_path):  # noqa: F811
+    """The same cell of the same run, asked again of a worker (what the driver does after ActorUnavailableError):
+    the finished result comes back without running the method again; another run recomputes; only the latest
+    result is kept."""
+    import ray
+
+    from bench.harness.artifacts import cache_root
+    from bench.harness.grid import load_grid
+    from bench.harness.worker import CellWorker
+
+    count = tmp_path / "count"
+    extra = f'[method."test-stall"]\ncount = "{count}"\n'  # no marker: it never stalls, it counts
+    cells = load_grid(write_grid(tmp_path, ["test-stall", "test-ok"], extra=extra)).cells()
+    stall, ok = (next(c for c in cells if c.method == m) for m in ("test-stall", "test-ok"))
+    cache = cache_root(tmp_path / "out")
+    actor = CellWorker.options(num_cpus=1).remote(1, PLUGINS)
+    context = {"run_id": "run-1", "git_commit": "x"}
+
+    def call(cell, ctx):
+        return ray.get(actor.run.remote(cell.to_dict(), [], ctx, cache))
+
+    first = call(stall, context)
+    assert first["row"]["status"] == "ok" and count.read_text().count("quantized") == 1
+    again = call(stall, context)
+    assert count.read_text().count("quantized") == 1  # not quantized again
+    assert again["row"]["eps_mse"] == first["row"]["eps_mse"] and again["png"] == first["png"]
+    assert again["log"].startswith(first["log"]) and "is handed over instead of running the cell again" in again["log"]
+    call(stall, {**context, "run_id": "run-2"})  # another run: computed afresh
+    assert count.read_text().count("quantized") == 2
+    call(ok, {**context, "run_id": "run-2"})
+    kept = sorted(p.relative_to(Path(cache) / "handoff").as_posix() for p in (Path(cache) / "handoff").rglob("*.parquet"))
+    assert kept == [f"run-2/{ok.key}.parquet"]  # the latest result only
+    ray.kill(actor)
+
+
+@pytest.mark.slow
+def test_lost_contact_with_a_worker_hands_its_result_over(tmp_path):
+    """A worker paused for 20 s (SIGSTOP; a stalled node or a network partition looks the same to the driver) with
+    short gRPC keepalives: Ray raises ActorUnavailableError on the driver, which re-queues the cell, while the paused
+    worker resumes and finishes it. The re-queued attempt gets the finished result: the method ran once."""
+    marker, count = tmp_path / "stalled", tmp_path / "count"
+    extra = f'[method."test-stall"]\nmarker = "{marker}"\ncount = "{count}"\nstall_s = 20\n'
+    grid = write_grid(tmp_path, ["test-stall", "fp"], bits=("W8A8",), extra=extra)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "RAY_grpc_client_keepalive_time_ms": "2000", "RAY_grpc_client_keepalive_timeout_ms": "2000"}
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--grid", grid, "--out", str(out), "--no-progress",
+                           "--max-workers", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    df = read_runs(out / "runs").set_index("method")
+    assert df.loc["test-stall", "attempts"] == 2, "the pause did not make the driver lose the worker"
+    assert count.read_text().count("quantized") == 1  # handed over, not quantized again
+    assert "is handed over instead of running the cell again" in done.stdout
+    assert (df["status"] == "ok").all()

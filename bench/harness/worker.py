@@ -6,6 +6,8 @@ by Ray (max_task_retries=0) because the call that killed an actor usually kills 
 cell itself, at most `retries` times, then records it as failed. A cell that raises inside the actor is caught there
 and returned as a failed row. The driver is the only writer of the store (one Parquet file per cell, as results
 arrive), so a crash loses at most the cells in flight, and workers on other nodes need no shared filesystem.
+A worker the driver lost contact with (ActorUnavailableError) may still finish its cell after the driver re-queued
+it: the finished result waits in the cache for the re-queued attempt (bench.harness.handoff).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class CellWorker:
         self.cache = None
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.model_name, self.model = None, None
+        self.run_id, self.last_handoff = None, None  # bench.harness.handoff
 
     def where(self) -> str:
         """The Ray node this actor runs on (a restarted actor may have moved): the dispatcher gives an actor only
@@ -59,10 +62,47 @@ class CellWorker:
             self.cache = ArtifactCache(cache_root)
 
         cell = Cell.from_dict(cell_dict)
+        kept = self._handoff(cell, context)
         buf = io.StringIO()
         with cell_logging(f"bench.harness.cell.{os.getpid()}", buf, sink, cell.label()) as log:
+            if kept is not None:
+                log.info("cell %s (%s): the result of an earlier attempt in this run, which finished after the "
+                         "driver had lost contact with its worker, is handed over instead of running the cell again",
+                         cell.label(), cell.key)
+                return {**kept, "log": kept["log"] + buf.getvalue()}
             row, png, load_error = self._run(cell, requests, context, log)
-        return {"row": row, "png": png, "log": buf.getvalue(), "load_error": load_error}
+        result = {"row": row, "png": png, "log": buf.getvalue(), "load_error": load_error}
+        self._keep(cell, context, result)
+        return result
+
+    def _handoff(self, cell: Cell, context: dict) -> dict | None:
+        """The result an earlier attempt of this cell in this run left in the cache (bench.harness.handoff), if any."""
+        from bench.harness import handoff
+
+        run_id = context.get("run_id")
+        if not run_id:
+            return None
+        if run_id != self.run_id:
+            self.run_id = run_id
+            handoff.prune(self.cache.root, run_id)
+        return handoff.take(handoff.path_for(self.cache.root, run_id, cell.key))
+
+    def _keep(self, cell: Cell, context: dict, result: dict) -> None:
+        """Leave this result where a re-queued attempt finds it; only the latest one is kept."""
+        from bench.harness import handoff
+
+        if not context.get("run_id"):
+            return
+        path = handoff.path_for(self.cache.root, context["run_id"], cell.key)
+        try:
+            handoff.save(path, result)
+        except Exception as e:  # noqa: BLE001 - the handoff is a saving, never a reason to lose the result itself
+            logging.getLogger(__name__).warning("could not keep the result of %s for a re-queued attempt: %s",
+                                                cell.label(), e)
+            return
+        if self.last_handoff is not None and self.last_handoff != path:
+            self.last_handoff.unlink(missing_ok=True)
+        self.last_handoff = path
 
     def _run(self, cell: Cell, requests: list, context: dict, log: logging.Logger) -> tuple[dict, bytes | None, bool]:
         from bench.harness.cell import failed_row, format_error, format_traceback, is_out_of_memory, run_cell
