@@ -252,7 +252,8 @@ def findings(d: pd.DataFrame, subject: str = "eda-dm", others: list[str] = BASEL
             parts.append(f"against {NAMES[b]}{what}: " + "; ".join(said))
         if parts:
             n = int(d[(d.method == subject) & (d.bits == bits)].seed.nunique())
-            out.append(f"- **{bits}** ({NAMES[subject]} minus the other, {n} paired seeds): " + ". ".join(
+            seeds = f"{n} paired seed" + ("s" if n != 1 else "")
+            out.append(f"- **{bits}** ({NAMES[subject]} minus the other, {seeds}): " + ". ".join(
                 p[0].upper() + p[1:] for p in parts) + ".")
     return out
 
