@@ -535,4 +535,5 @@ def test_lost_contact_with_a_worker_hands_its_result_over(tmp_path):
     assert df.loc["test-stall", "attempts"] == 2, "the pause did not make the driver lose the worker"
     assert count.read_text().count("quantized") == 1  # handed over, not quantized again
     assert "is handed over instead of running the cell again" in done.stdout
+    assert "0 worker crash(es), 1 cell(s) re-queued after losing contact with their worker" in done.stdout
     assert (df["status"] == "ok").all()

@@ -231,7 +231,8 @@ def execute_plan(grid: Grid, cells, todo, status, args, out: Path, store: str | 
         if started:
             ray.shutdown()
     failed = counts["failed"] + stats["failed"]
-    print(f"grid {grid.name}: {stats['ok']} ok, {failed} failed, {stats['crashes']} worker crash(es) in "
+    lost = f", {stats['lost']} cell(s) re-queued after losing contact with their worker" if stats.get("lost") else ""
+    print(f"grid {grid.name}: {stats['ok']} ok, {failed} failed, {stats['crashes']} worker crash(es){lost} in "
           f"{time.time() - t0:.0f}s; results in {runs_dir(store)}, logs in {out / 'logs' / grid.name}")
     if failed:
         raise BenchError(f"{failed} cell(s) failed; their errors are in the store and in {out / 'logs' / grid.name}")

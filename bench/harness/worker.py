@@ -315,7 +315,8 @@ def execute(cells: list[Cell], requests: dict, context: dict, on_result, *, num_
     ids a cell of that model and metrics may run on; cells whose nodes have all left are recorded as failed.
 
     `requests[(model, sampler_json, seed)]` lists the (method, overrides) of every cell of the grid on that model, so
-    the shared trajectories cover all methods. Returns counts {"ok", "failed", "crashes", "replaced"}.
+    the shared trajectories cover all methods. Returns counts {"ok", "failed", "crashes", "lost" (cells re-queued
+    because the driver lost contact with their worker), "replaced"}.
     """
     threads = max(int(cpus_per_worker), 1)
 
@@ -357,7 +358,7 @@ class Dispatcher:
         self.inflight: dict = {}  # ref -> (slot, cell, or None for a `where` call that waits for the actor's node)
         self.idle_since: float | None = None  # since when cells wait that no live actor may run
         self.attempts: dict[str, int] = {}
-        self.stats = {"ok": 0, "failed": 0, "crashes": 0, "replaced": 0}
+        self.stats = {"ok": 0, "failed": 0, "crashes": 0, "lost": 0, "replaced": 0}
         self.sink, self.on_log = None, None  # LogSink and its callback (execute sets them)
 
     def drain_logs(self) -> None:
@@ -461,7 +462,8 @@ class Dispatcher:
     def _crashed(self, slot: Slot, cell: Cell | None, e: Exception) -> None:
         """The actor died mid-call. Ray restarts it (max_restarts); once restarts run out, replace it (bounded).
         The cell is re-queued until it has crashed `retries + 1` times, then recorded as failed."""
-        self.stats["crashes"] += int(cell is not None)
+        lost = isinstance(e, ray.exceptions.ActorUnavailableError)  # unreachable for a while, not dead
+        self.stats["lost" if lost else "crashes"] += int(cell is not None)
         slot.model = None
         if isinstance(e, ray.exceptions.ActorDiedError) and not isinstance(e, ray.exceptions.ActorUnavailableError):
             if slot.replacements >= MAX_REPLACEMENTS:
