@@ -141,7 +141,12 @@ def judge(d: pd.DataFrame, a: str, b: str, bits: str, metric: str) -> tuple[str,
         return "unconverged", m, h, n
     if n < 2 or not np.isfinite(h):
         return "one seed", m, h, n
-    return ("better" if m + h < 0 else "worse" if m - h > 0 else "tie"), m, h, n
+    return interval_side(m, h), m, h, n
+
+
+def interval_side(m: float, h: float) -> str:
+    """'better' when the interval m ± h lies below 0, 'worse' above, 'tie' when it contains 0."""
+    return "better" if m + h < 0 else "worse" if m - h > 0 else "tie"
 
 
 def fmt_diff(metric: str, m: float, h: float) -> str:
@@ -416,8 +421,8 @@ def budget_effect_lines(d: pd.DataFrame, bits: str) -> list[str]:
         vals = []
         for metric, _ in PAIRED:
             mean, h, n = paired(d, rerun, m, bits, metric)
-            word = ("" if n < 2 or not np.isfinite(h) else " (lower)" if mean + h < 0 else " (higher)" if mean - h > 0
-                    else " (no difference)")
+            word = "" if n < 2 or not np.isfinite(h) else \
+                {"better": " (lower)", "worse": " (higher)", "tie": " (no difference)"}[interval_side(mean, h)]
             vals.append(fmt_diff(metric, mean, h) + word if n else "-")
         rows.append(f"| {NAMES[rerun]} minus {NAMES[m]} | " + " | ".join(vals) + " |")
     if not rows:
@@ -426,7 +431,7 @@ def budget_effect_lines(d: pd.DataFrame, bits: str) -> list[str]:
             "| difference | " + " | ".join(h for _, h in PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|", *rows, ""]
 
 
-def check_lines(ok: pd.DataFrame, ok_check: pd.DataFrame, failed: pd.DataFrame, planned, out_dir: Path) -> list[str]:
+def check_lines(both: pd.DataFrame, ok_check: pd.DataFrame, failed: pd.DataFrame, planned, out_dir: Path) -> list[str]:
     """The convergence check's section: its cells beside the study's at CHECK_BITS, EDA-DM (longer cap) paired with
     the baselines by the study's rule, and what the longer budgets changed."""
     subject, qdiff = CHECK_METHODS["eda-dm"], CHECK_METHODS["qdiffusion"]
@@ -439,7 +444,6 @@ def check_lines(ok: pd.DataFrame, ok_check: pd.DataFrame, failed: pd.DataFrame, 
              "sampler equal the study's, so these cells pair by seed with its FP, RTN and PTQ4DM cells, and the same "
              "rule applies: a conclusion only where every unit of both cells plateaued.", "",
              *progress_lines(ok_check, failed, planned, CHECK_GRID)]
-    both = pd.concat([ok, ok_check], ignore_index=True)
     for model in MODELS:
         d = both[both.model == model]
         if d[d.method.isin(list(CHECK_METHODS.values()))].empty:
@@ -520,7 +524,7 @@ def render(df: pd.DataFrame, allow_mixed: bool, out_dir: Path = HERE) -> str:
     if rank:
         lines += ["## Does the ranking hold beyond one network?", "", *rank, ""]
     if len(ok_check) or len(failed_check):
-        lines += check_lines(ok, ok_check, failed_check, check_planned, out_dir)
+        lines += check_lines(both, ok_check, failed_check, check_planned, out_dir)
     lines += ["## Budgets as run", "",
               "Reconstruction under `budget = \"converged\"` stops a unit once its loss has plateaued "
               "(eda.convergence: the second half of the curve brought under 10% of its decrease), capped by the "
