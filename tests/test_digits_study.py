@@ -173,3 +173,19 @@ def test_convergence_check_must_share_the_study_commit(tmp_path):
     df = pd.concat([_rows(), _check_rows(commit="c" * 40)], ignore_index=True)
     with pytest.raises(Exception, match="several commits"):
         study.render(df, allow_mixed=False, out_dir=tmp_path)
+
+
+def test_effect_line_counts_units_that_reconstruction_improved_per_stage():
+    """A unit counts as improved only when its output MSE fell (after < before), per stage; a curve that rose (an
+    AdaRound stage hardening its rounding) is counted apart, so a plateau verdict on it is not read as improvement."""
+    def unit(stage, before, after, first=1.0, last=0.5):
+        return {"stage": stage, "unit": "u", "first": first, "last": last, "mse_before": before, "mse_after": after}
+
+    units = [unit("weights", 0.2, 0.1, last=3.0), unit("weights", 0.2, 0.15), unit("activations", 0.1, 0.12),
+             unit("activations", 0.1, 0.05, last=1.2), unit("activations", 0.1, None)]
+    (line,) = study.effect_lines("Q-Diffusion W4A8", units)
+    assert "lower after reconstruction than before in 3 of 4 units (weights 2 of 2, activations 1 of 2)" in line
+    assert "ending above their first window: weights 1, activations 1" in line
+    (single,) = study.effect_lines("EDA-DM W4A8", [unit("fbr", 0.2, 0.1), unit("fbr", 0.2, 0.3)])
+    assert "in 1 of 2 units;" not in single and single.endswith("in 1 of 2 units.")
+    assert study.effect_lines("RTN W4A8", [unit("fbr", None, None)]) == []

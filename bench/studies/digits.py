@@ -96,7 +96,8 @@ def unit_losses(info: dict) -> list[dict]:
         for name, u in (st.get("units") or {}).items():
             loss = u.get("loss") or {}
             if loss.get("iters"):
-                out.append({"stage": st.get("stage", ""), "unit": name, **loss})
+                out.append({"stage": st.get("stage", ""), "unit": name, **loss,
+                            "mse_before": u.get("mse_before"), "mse_after": u.get("mse_after")})
     return out
 
 
@@ -314,7 +315,28 @@ def budget_lines(d: pd.DataFrame, methods: list[str] = METHODS[1:]) -> list[str]
                          f"{u['last']:.3g} ({_change(u['first'], u['last'])})" for seed, u in bad[:UNCONVERGED_LISTED]]
                 more = f"; and {len(bad) - UNCONVERGED_LISTED} more" if len(bad) > UNCONVERGED_LISTED else ""
                 listed.append(f"- Unconverged, {NAMES[m]} {bits}: " + "; ".join(shown) + more + ".")
+            listed += effect_lines(f"{NAMES[m]} {bits}", units)
     return lines + [""] + (listed + [""] if listed else [])
+
+
+def effect_lines(label: str, units: list[dict]) -> list[str]:
+    """Whether reconstruction helped each unit: its output MSE against FP on the calibration inputs (eda.recon:
+    mse_before with the initial quantizers, mse_after with the learned, hard-rounded ones), counted per stage, and
+    how many curves ended above their first window. An AdaRound stage trades reconstruction loss for hard rounding
+    as its temperature anneals, so its curve can rise at the end; the plateau rule counts a curve with no decrease
+    as plateaued, and the MSE count is what says whether such a unit still improved."""
+    judged = [u for u in units if u.get("mse_before") is not None and u.get("mse_after") is not None]
+    if not judged:
+        return []
+    stages = list(dict.fromkeys(u["stage"] for u in judged))
+    per = [f"{st} {sum(u['mse_after'] < u['mse_before'] for u in judged if u['stage'] == st)} of "
+           f"{sum(u['stage'] == st for u in judged)}" for st in stages]
+    rose = {st: sum(1 for u in judged if u["stage"] == st and u["last"] > u["first"]) for st in stages}
+    rose_txt = ", ".join(f"{st} {n}" if len(stages) > 1 else str(n) for st, n in rose.items() if n)
+    return [f"- Effect, {label}: unit output MSE against FP lower after reconstruction than before in "
+            f"{sum(u['mse_after'] < u['mse_before'] for u in judged)} of {len(judged)} units"
+            + (f" ({', '.join(per)})" if len(stages) > 1 else "")
+            + (f"; loss curves ending above their first window: {rose_txt}" if rose_txt else "") + "."]
 
 
 def _change(first: float, last: float) -> str:
@@ -530,7 +552,12 @@ def render(df: pd.DataFrame, allow_mixed: bool, out_dir: Path = HERE) -> str:
               "(eda.convergence: the second half of the curve brought under 10% of its decrease), capped by the "
               "official count; Q-Diffusion runs a fixed 10% of its official count because its AdaRound temperature "
               "schedule spans the whole budget (bench/grids/digits.toml)."
-              + (f" The convergence check's budgets are set in bench/grids/{CHECK_GRID}.toml." if len(ok_check) else ""),
+              + (f" The convergence check's budgets are set in bench/grids/{CHECK_GRID}.toml." if len(ok_check) else "")
+              + " *Effect* counts the units whose output MSE against FP on the calibration inputs fell from before "
+              "reconstruction (initial quantizers) to after (learned, hard-rounded ones). An AdaRound stage trades "
+              "reconstruction loss for hard rounding as its temperature anneals, so its curve can end above its start; "
+              "the plateau rule counts a curve with no decrease as plateaued, and the effect count says whether such "
+              "a unit still improved.",
               ""]
     for model in MODELS:
         d = both[both.model == model]
