@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "logs and saved samples stay under --out)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="rerun cells already in the store (default: skip them)")
+    p.add_argument("--resume-from", action="append", default=[], metavar="FILE",
+                   help="a results Parquet file (e.g. a committed study's rows, results/digits-study.parquet): its "
+                        "successful rows of this grid whose cells the grid still plans go into the store first, so "
+                        "the run resumes from them when the original --out is gone; repeatable")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, model availability and the resources it would ask for; run nothing")
     p.add_argument("--estimate", action="store_true",

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.run import main
@@ -97,6 +98,34 @@ def test_resume_recomputes_only_missing_cells(ray_session, tmp_path):  # noqa: F
     # nothing left: a third run does nothing; --no-resume reruns everything
     assert run("--grid", grid, "--out", str(out)) == 0
     assert len(read_runs(out / "runs", latest=False)) == 3
+
+
+def test_resume_from_a_committed_file_runs_only_the_cells_it_lacks(ray_session, tmp_path, capsys):  # noqa: F811
+    from bench.harness.store import write_file
+
+    grid = write_grid(tmp_path, ["fp", "test-ok"])
+    assert run("--grid", grid, "--out", str(tmp_path / "first")) == 0
+    first = read_runs(tmp_path / "first" / "runs")
+    kept = first[first["bits"] != "W4A8"]  # the committed file lacks one finished cell
+    other = first[first["bits"] == "W4A8"].assign(grid="another-grid")  # and holds a row of another grid
+    committed = tmp_path / "rows.parquet"
+    write_file(pd.concat([kept, other], ignore_index=True), committed)
+    out = tmp_path / "fresh"  # the original --out is gone
+    assert run("--grid", grid, "--out", str(out), "--resume-from", str(committed), "--dry-run") == 0
+    text = capsys.readouterr().out
+    assert "2 finished cell(s) of grid t (dry run: not imported)" in text and "1 to run (2 already" in text
+    assert not (out / "runs").exists()  # a dry run writes nothing
+    assert run("--grid", grid, "--out", str(out), "--resume-from", str(committed)) == 0
+    rows = read_runs(out / "runs").set_index("cell_key")
+    assert len(rows) == 3 and set(rows["grid"]) == {"t"}
+    imported = rows.loc[list(kept["cell_key"])]
+    assert set(imported["run_id"]) == {first["run_id"][0]}  # imported as they were: not recomputed
+    rerun = rows[rows["run_id"] != first["run_id"][0]]
+    assert list(rerun.index) == list(first[first["bits"] == "W4A8"]["cell_key"])
+    # importing again adds nothing; --no-resume with --resume-from is a usage error
+    assert run("--grid", grid, "--out", str(out), "--resume-from", str(committed)) == 0
+    assert "0 imported" in capsys.readouterr().out and len(read_runs(out / "runs", latest=False)) == 3
+    assert run("--grid", grid, "--out", str(out), "--resume-from", str(committed), "--no-resume") == 2
 
 
 def test_dry_run_full_plans_offline(capsys, monkeypatch, tmp_path):

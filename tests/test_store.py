@@ -84,6 +84,23 @@ def test_reference_file_round_trip(tmp_path):
         read_file(tmp_path / "nope.parquet")
 
 
+def test_rows_from_a_results_file_seed_a_store_unchanged(tmp_path):
+    from bench.harness.store import import_rows, importable_rows
+
+    write_row(tmp_path / "runs", make_row("a"))  # missing strings, NaN metrics, lists, nullable ints
+    write_row(tmp_path / "runs", make_row("b", method="rtn", status="failed"))
+    write_row(tmp_path / "runs", make_row("c", method="rtn", grid="other"))
+    committed = read_file(write_file(read_runs(tmp_path / "runs"), tmp_path / "rows.parquet"))
+    rows = importable_rows(committed, "g", {"a", "b", "z"})
+    assert list(rows["cell_key"]) == ["a"]  # a failed row is no result; another grid's row is not this grid's
+    fresh = tmp_path / "fresh"
+    assert import_rows(fresh, rows) == 1 and import_rows(fresh, rows) == 0  # a second import adds nothing
+    back = read_runs(fresh)
+    pd.testing.assert_frame_equal(back, read_runs(tmp_path / "runs", grid="g").query("cell_key == 'a'")
+                                  .reset_index(drop=True), check_dtype=True)
+    assert done_keys(fresh, "g") == {"a"}
+
+
 NODE_COLUMNS = ("node_id", "gpu_name", "gpu_count", "cuda_version", "gpu_driver")
 
 

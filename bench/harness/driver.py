@@ -18,6 +18,30 @@ from bench.harness.plan import (local_resources, calibration_requests, check_met
 from bench.harness.provenance import git_commit
 
 
+def seed_store(args, grid: Grid, cells, runs) -> set[str]:
+    """--resume-from FILE: the finished cells of this grid in committed results files go into the store before
+    planning, so the run does only the rest. A dry run writes nothing; it returns the keys it would import, so its
+    plan shows what the real run would skip. Returns the cell keys found in the files."""
+    files = getattr(args, "resume_from", None) or []
+    if not files:
+        return set()
+    if not args.resume:
+        raise UsageError("--resume-from seeds the store with finished cells to skip; it cannot go with --no-resume")
+    from bench.harness.store import import_rows, importable_rows, read_file
+
+    keys, found = {c.key for c in cells}, set()
+    for f in files:
+        rows = importable_rows(read_file(f), grid.name, keys)
+        found |= set(rows["cell_key"])
+        if args.dry_run:
+            print(f"--resume-from {f}: {len(rows)} finished cell(s) of grid {grid.name} (dry run: not imported)")
+        else:
+            n = import_rows(runs, rows)
+            print(f"--resume-from {f}: {len(rows)} finished cell(s) of grid {grid.name}, {n} imported into {runs} "
+                  f"({len(rows) - n} already there)", flush=True)
+    return found
+
+
 def run_grid(args) -> int:
     """The whole of `python -m bench.run` after argument parsing: plan, check, then a dry run or the run itself."""
     grid = plan(args)
@@ -30,7 +54,8 @@ def run_grid(args) -> int:
     cells = grid.cells()
     from bench.harness.store import done_keys, runs_dir
 
-    done = done_keys(runs_dir(store), grid.name) if args.resume else set()
+    seeded = seed_store(args, grid, cells, runs_dir(store))
+    done = (done_keys(runs_dir(store), grid.name) | seeded) if args.resume else set()
     todo = [c for c in cells if c.key not in done]
     check_methods(grid)
     check_metrics(grid)

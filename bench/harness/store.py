@@ -254,5 +254,32 @@ def done_keys(root: str | os.PathLike, grid: str) -> set[str]:
     return set(df.loc[df["status"] == "ok", "cell_key"])
 
 
+def importable_rows(df: pd.DataFrame, grid: str, keys: set[str]) -> pd.DataFrame:
+    """The rows of a results file (read_file) that can seed a store for `grid`: that grid's successful rows whose
+    cell key is one of `keys` (the cells the grid plans now: a row of an edited or renamed cell is not its result)."""
+    return df[(df["grid"] == grid) & (df["status"] == "ok") & df["cell_key"].isin(keys)]
+
+
+def import_rows(root: str | os.PathLike, df: pd.DataFrame) -> int:
+    """Write rows read back from a results file (read_file) into a store as if their cells had just run, so a grid
+    resumes from a committed file when its runs/ folder is gone (another machine, a wiped scratch disk); rows the
+    store already holds as done are skipped. Returns the number written."""
+    if df.empty:
+        return 0
+    floats = {f.name for f in FILE_SCHEMA if pa.types.is_floating(f.type)}
+    n = 0
+    for grid, g in df.groupby("grid"):
+        have = done_keys(root, grid)
+        for rec in g[~g["cell_key"].isin(have)].to_dict("records"):
+            # pandas gives NaN / pd.NA for missing values of every dtype; the store's schema wants None off floats
+            write_row(root, {k: (None if k not in floats and _missing(v) else v) for k, v in rec.items()})
+            n += 1
+    return n
+
+
+def _missing(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
 def loads(s: str | None) -> dict:
     return json.loads(s) if s else {}
