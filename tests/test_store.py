@@ -156,3 +156,10 @@ def test_node_id_outside_ray_is_none():
 
     if not ray.is_initialized():
         assert node_id() is None
+
+
+def test_a_corrupt_results_file_is_one_error_line(tmp_path):
+    bad = tmp_path / "rows.parquet"
+    bad.write_text("junk")
+    with pytest.raises(Exception, match="is not a readable Parquet results file .*restore it from git"):
+        read_file(bad)

@@ -118,6 +118,8 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
         vals = [r.get(f.name) for r in rows]
         if pa.types.is_floating(f.type):
             vals = [math.nan if v is None else float(v) for v in vals]
+        else:  # rows read back through pandas carry NaN / pd.NA where the value is missing
+            vals = [None if _missing(v) else v for v in vals]
         cols[f.name] = pa.array(vals, type=f.type)
     return pa.table(cols, schema=schema)
 
@@ -215,7 +217,11 @@ def read_file(path: str | os.PathLike, latest: bool = True) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
         raise BenchError(f"no results file at {p}; expected a Parquet file written by `python -m bench.check --update`")
-    table = pq.read_table(p)
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BenchError(f"{p} is not a readable Parquet results file ({str(e).splitlines()[0][:160]}); restore it "
+                         "from git or regenerate it") from None
     missing = [f.name for f in SCHEMA if f.name not in table.column_names]
     for name in missing:
         table = table.append_column(name, pa.nulls(len(table), SCHEMA.field(name).type))
@@ -264,15 +270,10 @@ def import_rows(root: str | os.PathLike, df: pd.DataFrame) -> int:
     """Write rows read back from a results file (read_file) into a store as if their cells had just run, so a grid
     resumes from a committed file when its runs/ folder is gone (another machine, a wiped scratch disk); rows the
     store already holds as done are skipped. Returns the number written."""
-    if df.empty:
-        return 0
-    floats = {f.name for f in FILE_SCHEMA if pa.types.is_floating(f.type)}
     n = 0
     for grid, g in df.groupby("grid"):
-        have = done_keys(root, grid)
-        for rec in g[~g["cell_key"].isin(have)].to_dict("records"):
-            # pandas gives NaN / pd.NA for missing values of every dtype; the store's schema wants None off floats
-            write_row(root, {k: (None if k not in floats and _missing(v) else v) for k, v in rec.items()})
+        for rec in g[~g["cell_key"].isin(done_keys(root, grid))].to_dict("records"):
+            write_row(root, rec)
             n += 1
     return n
 

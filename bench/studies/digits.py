@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -329,12 +330,13 @@ def effect_lines(label: str, units: list[dict]) -> list[str]:
     if not judged:
         return []
     stages = list(dict.fromkeys(u["stage"] for u in judged))
-    per = [f"{st} {sum(u['mse_after'] < u['mse_before'] for u in judged if u['stage'] == st)} of "
-           f"{sum(u['stage'] == st for u in judged)}" for st in stages]
-    rose = {st: sum(1 for u in judged if u["stage"] == st and u["last"] > u["first"]) for st in stages}
-    rose_txt = ", ".join(f"{st} {n}" if len(stages) > 1 else str(n) for st, n in rose.items() if n)
+    total = Counter(u["stage"] for u in judged)
+    better = Counter(u["stage"] for u in judged if u["mse_after"] < u["mse_before"])
+    rose = Counter(u["stage"] for u in judged if u["last"] > u["first"])
+    per = [f"{st} {better[st]} of {total[st]}" for st in stages]
+    rose_txt = ", ".join(f"{st} {rose[st]}" if len(stages) > 1 else str(rose[st]) for st in stages if rose[st])
     return [f"- Effect, {label}: unit output MSE against FP lower after reconstruction than before in "
-            f"{sum(u['mse_after'] < u['mse_before'] for u in judged)} of {len(judged)} units"
+            f"{better.total()} of {len(judged)} units"
             + (f" ({', '.join(per)})" if len(stages) > 1 else "")
             + (f"; loss curves ending above their first window: {rose_txt}" if rose_txt else "") + "."]
 
