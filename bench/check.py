@@ -34,6 +34,10 @@ directions, and the regressions a user cares about fail (eps_mse +20%, FID doubl
 replaced by round-to-nearest's at W4A8 and W8A8). Metrics the smoke grid does not compute keep the previous floors,
 marked "not measured" below.
 
+Exit status: 0 the check passed; 1 it found a regression (the table above); 2 a usage error (bad flags); 3 the
+check could not run: the baseline file is missing, unreadable or empty, or --out holds no run of its grid. A nightly
+job can tell "the code got worse" (1) from "the job is broken" (3).
+
 A grid file's [check] table (rel_tol = x or {metric = x}, abs_tol = {metric = x}, k) overrides these defaults, and
 the command line overrides both. A single relative number applies to every unbounded metric. `--update` writes the
 latest run as the new reference.
@@ -51,6 +55,12 @@ from bench.metrics.names import METRICS
 from bench.reporting.regression import (  # noqa: F401  (re-exported: the documented import path of the rule)
     BOUNDED, K_CI, MEASURED, TOLERANCES, _table, compare, compare_all, effective_tolerances, markdown, t_half_width,
     tolerances_for, window)
+
+
+class CannotCheck(BenchError):
+    """The inputs of the check are not there or not readable: no verdict on the code was reached."""
+
+    exit_code = 3
 
 
 def _parse_pairs(items: list[str], flag: str) -> dict:
@@ -123,13 +133,19 @@ def main(argv: list[str] | None = None) -> int:
         write_file(cur, args.baseline)
         print(f"wrote {len(cur)} cells of grid {args.grid} to {args.baseline}")
         return 0
-    ref = read_file(args.baseline)
+    try:
+        ref = read_file(args.baseline)
+    except BenchError as e:
+        raise CannotCheck(str(e)) from None
     if ref.empty:
-        raise BenchError(f"{args.baseline} holds no cells; regenerate it with --update")
+        raise CannotCheck(f"{args.baseline} holds no cells; regenerate it with --update")
     grid = args.grid or ref["grid"].iloc[0]
-    cur = read_runs(runs_dir(args.out), grid)
+    try:
+        cur = read_runs(runs_dir(args.out), grid)
+    except BenchError as e:
+        raise CannotCheck(str(e)) from None
     if cur.empty:
-        raise BenchError(f"no run of grid {grid} in {runs_dir(args.out)}; run `python -m bench.run --grid {grid} "
+        raise CannotCheck(f"no run of grid {grid} in {runs_dir(args.out)}; run `python -m bench.run --grid {grid} "
                          f"--out {args.out}` first")
     k, tol = tolerances_for(grid, rel_tol, args.k, abs_tol)
     problems, comparisons = compare_all(ref[ref["grid"] == grid] if "grid" in ref else ref, cur, k=k,

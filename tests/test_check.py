@@ -87,11 +87,37 @@ def test_improvement_and_higher_is_better(setup):
 
 def test_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["--baseline", str(tmp_path / "nope.parquet"), "--out", str(tmp_path)])
-    assert e.value.code == 1 and "no results file" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
         main(["--baseline", "x", "--abs-tol", "bogus=1"])
     assert e.value.code == 2
+
+
+def exit_of(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")  # one line, no traceback
+    return e.value.code, err
+
+
+def test_a_check_that_cannot_run_exits_3_not_1(setup, capsys):
+    """A nightly job must tell "the code got worse" (1) from "the check had nothing to read" (3): a missing,
+    corrupt or empty baseline, and an --out with no run of the grid or a damaged row file in it."""
+    tmp_path, ref = setup
+    code, err = exit_of(["--baseline", str(tmp_path / "nope.parquet"), "--out", str(tmp_path)], capsys)
+    assert code == 3 and "no results file" in err
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet")
+    code, err = exit_of(["--baseline", str(junk), "--out", str(tmp_path)], capsys)
+    assert code == 3 and "not a readable Parquet results file" in err
+    empty = write_file(read_runs(tmp_path / "runs").iloc[:0], tmp_path / "empty.parquet")
+    code, err = exit_of(["--baseline", str(empty), "--out", str(tmp_path)], capsys)
+    assert code == 3 and "holds no cells" in err
+    code, err = exit_of(["--baseline", str(ref), "--out", str(tmp_path / "elsewhere")], capsys)
+    assert code == 3 and "no run of grid g" in err
+    damaged = next((tmp_path / "runs").rglob("*.parquet"))
+    damaged.write_bytes(damaged.read_bytes()[:40])  # a row file cut short outside the store's atomic writes
+    code, err = exit_of(["--baseline", str(ref), "--out", str(tmp_path)], capsys)
+    assert code == 3 and "not readable Parquet" in err and "delete that file" in err
 
 
 def test_bounded_metric_gets_no_relative_window(setup):

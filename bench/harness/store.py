@@ -208,7 +208,11 @@ def read_runs(root: str | os.PathLike, grid: str | None = None, latest: bool = T
                          partitioning=ds.partitioning(PARTITION_SCHEMA, flavor="hive"),
                          exclude_invalid_files=False)
     flt = ds.field("grid") == grid if grid else None
-    table = dataset.to_table(filter=flt)
+    try:
+        table = dataset.to_table(filter=flt)
+    except (pa.ArrowInvalid, OSError) as e:  # a row file damaged outside the store's atomic writes
+        raise BenchError(f"a results file under {root} is not readable Parquet ({str(e).splitlines()[0][:200]}); "
+                         "delete that file (its cell is then rerun) or restore the folder") from None
     return _finish(table.to_pandas(types_mapper=_types), latest)
 
 
