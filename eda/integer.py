@@ -11,6 +11,11 @@ Notation (eda.quantizer): codes c = clamp(round(x / delta) + z, 0, 2^b - 1), x_h
   conv(x_hat, (t - z') s) = conv(x_hat, t s) - (z' s)[c] * conv(x_hat, ones) (a one-channel box sum, in FP).
 - Shortcut-split layers: conv(cat[a, b], W) = conv(a, W[:, :k]) + conv(b, W[:, k:]), each group with its own
   activation and weight quantizers (Q-Diffusion --split), bias added once.
+- CPUs whose oneDNN u8s8 kernels saturate (x86 without VNNI or AMX: AVX2, and AVX-512 before Cascade Lake) form
+  each pair sum c1 t1 + c2 t2 in int16 (vpmaddubsw), which 255 * 127 * 2 = 64770 overflows; oneDNN documents this
+  ("Nuances of int8 Computations", developer guide). `kernels_saturate` probes it once per process; on such a CPU a
+  layer whose codes could overflow runs on t = hi + lo with hi = floor(t / 2), lo = t - hi, both in [-64, 64]
+  (255 * 64 * 2 = 32640 fits), stacked as 2C output channels and summed: exact, for twice the kernel's work.
 - The network-output conv's input stays FP (act_allowed False): an FP conv of the dequantized weights.
 - Attention: q, k, v and the softmax output are quantized exactly as QuantAttnProcessor does (its own __call__); the
   two bmm's multiply the quantized values in FP32, because no x86 CPU kernel for an int8 bmm of two dynamic operands
@@ -27,6 +32,7 @@ same oneDNN kernels through torch.compile and torchao's x86 passes (minutes of c
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -47,7 +53,20 @@ BACKENDS = {"x86": "oneDNN u8s8 conv/linear kernels called directly, weights pre
                             "same arithmetic to the same oneDNN kernels, plus fused elementwise code"}
 MODES = ("reference", "onednn")
 MAX_BITS = 8
+INT16_MAX = 32767  # the saturation bound of vpmaddubsw's pair sums on CPUs without VNNI
 FALLBACK = "sample the fake-quant model instead (python -m bench.sample --model CHECKPOINT)"
+
+
+@functools.cache
+def kernels_saturate() -> bool:
+    """Whether this process's oneDNN u8s8 kernels saturate pair sums at int16 (CPUs without VNNI or AMX, or
+    ONEDNN_MAX_CPU_ISA set below them): one linear on the worst case, codes 255 times weights 127 over 64 inputs."""
+    w = torch.full((1, 64), 127, dtype=torch.int8)
+    c = torch.full((1, 64), 255, dtype=torch.uint8)
+    y = torch.ops.onednn.qlinear_pointwise(c, 1.0, 0, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(1),
+                                           torch.zeros(1, dtype=torch.int64), None, 1.0, 0, torch.float32, "none",
+                                           [], "")
+    return float(y.reshape(())) != 255 * 127 * 64
 
 
 class UnsupportedError(BenchError):
@@ -136,7 +155,9 @@ class IntLayer(nn.Module):
             self.register_buffer(f"zp{i}", torch.zeros(n_out, dtype=torch.int64))
             self.parts.append(ActQDQ(**p["act"]) if p["act"] else nn.Identity())
         self.register_buffer("bias", torch.zeros(n_out) if spec["bias"] else None)
-        self.mode, self._packed = "reference", {}
+        # split_weights: the reference representation runs on the split operands too (set by compile_for for the
+        # inductor lowering, which reaches the same oneDNN kernels); the eager kernels decide for themselves
+        self.mode, self._packed, self.split_weights = "reference", {}, False
         self.finalize()
 
     def finalize(self) -> IntLayer:
@@ -199,41 +220,57 @@ class IntLayer(nn.Module):
                 for i, p in enumerate(self.spec["parts"])]
 
     # -- kernels ------------------------------------------------------------------------------------------------------
-    def set_mode(self, mode: str) -> IntLayer:
+    def set_mode(self, mode: str, split_weights: bool = False) -> IntLayer:
         if mode not in MODES:
             raise ValueError(f"unknown IntLayer mode {mode!r}; expected one of {MODES}")
-        self.mode = mode
+        self.mode, self.split_weights = mode, split_weights
         self._packed = {}
         return self
+
+    def _must_split(self, i: int, act) -> bool:
+        """Group i's codes could overflow an int16 pair sum (2 qmax max|t| > 32767) on a CPU whose kernels saturate."""
+        if not isinstance(act, ActQDQ):
+            return False
+        t_max = int(getattr(self, f"kw{i}").to(torch.int16).abs().max())  # in int16: int8 abs(-128) wraps to -128
+        return 2 * act.qmax * t_max > INT16_MAX and kernels_saturate()
+
+    def _operands(self, i: int, split: bool) -> tuple:
+        """(int8 weights, scales, weight zero points, bias, rows): with split, t = hi + lo stacked as [hi; lo] with
+        the scales repeated and the bias on the hi half only; rows is then the row count of each half, else 0."""
+        w, s, zero, bias = (getattr(self, f"{k}{i}") for k in ("kw", "ks", "kzero", "kb"))
+        if not split:
+            return w, s, zero, bias, 0
+        hi = torch.div(w, 2, rounding_mode="floor")  # [-64, 63]; lo = t - hi in [-64, 64]
+        return (torch.cat([hi, w - hi]).contiguous(), torch.cat([s, s]), torch.cat([zero, zero]),
+                None if bias is None else torch.cat([bias, torch.zeros_like(bias)]), w.shape[0])
 
     def _conv_args(self) -> tuple:
         sp = self.spec
         return sp["stride"], sp["padding"], sp["dilation"], 1
 
-    def _kernel(self, i: int, act: ActQDQ, c: torch.Tensor) -> torch.Tensor:
-        """oneDNN u8s8 conv/linear with an FP32 output: s_x s_w[o] sum (c - z_x) t + bias."""
-        w, s, zero, bias = (getattr(self, f"{k}{i}") for k in ("kw", "ks", "kzero", "kb"))
+    def _kernel(self, i: int, act: ActQDQ, c: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """oneDNN u8s8 conv/linear with an FP32 output: s_x s_w[o] sum (c - z_x) t + bias; and the split rows."""
         if i not in self._packed:
-            self._packed[i] = (torch.ops.onednn.qconv_prepack(w, s, act.scale, act.zero_point, *self._conv_args(),
-                                                              None)
-                               if self.kind == "conv" else torch.ops.onednn.qlinear_prepack(w, None))
-        packed = self._packed[i]
+            w, s, zero, bias, rows = self._operands(i, self._must_split(i, act))
+            packed = (torch.ops.onednn.qconv_prepack(w, s, act.scale, act.zero_point, *self._conv_args(), None)
+                      if self.kind == "conv" else torch.ops.onednn.qlinear_prepack(w, None))
+            self._packed[i] = (packed, s, zero, bias, rows)
+        packed, s, zero, bias, rows = self._packed[i]
         if self.kind == "conv":
             return torch.ops.onednn.qconv_pointwise(c, act.scale, act.zero_point, packed, s, zero, bias,
-                                                    *self._conv_args(), 1.0, 0, torch.float32, "none", [], "")
+                                                    *self._conv_args(), 1.0, 0, torch.float32, "none", [], ""), rows
         lead = c.shape[:-1]
         y = torch.ops.onednn.qlinear_pointwise(c.reshape(-1, c.shape[-1]), act.scale, act.zero_point, packed, s,
                                                zero, bias, 1.0, 0, torch.float32, "none", [], "")
-        return y.reshape(*lead, y.shape[-1])
+        return y.reshape(*lead, y.shape[-1]), rows
 
-    def _reference(self, i: int, x_hat: torch.Tensor) -> torch.Tensor:
+    def _reference(self, i: int, act, x_hat: torch.Tensor) -> tuple[torch.Tensor, int]:
         # zero-point-free int8 weights: the pattern the x86 inductor passes turn into oneDNN u8s8 kernels
-        w = QD.dequantize_per_channel.default(getattr(self, f"kw{i}"), getattr(self, f"ks{i}"),
-                                              getattr(self, f"kzero{i}"), 0, -128, 127, torch.int8)
-        bias = getattr(self, f"kb{i}")
+        w, s, zero, bias, rows = self._operands(i, self.split_weights and self._must_split(i, act))
+        w = QD.dequantize_per_channel.default(w, s, zero, 0, -128, 127, torch.int8)
         if self.kind == "linear":
-            return F.linear(x_hat, w, bias)
-        return F.conv2d(x_hat, w, bias, *self._conv_args())
+            return F.linear(x_hat, w, bias), rows
+        return F.conv2d(x_hat, w, bias, *self._conv_args()), rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
@@ -242,9 +279,11 @@ class IntLayer(nn.Module):
         for i, (p, act) in enumerate(zip(self.spec["parts"], self.parts)):
             xi = x if len(self.parts) == 1 else x.narrow(dim, p["slice"][0], p["slice"][1] - p["slice"][0])
             if kernels and isinstance(act, ActQDQ):
-                y = self._kernel(i, act, act.codes(xi))
+                y, rows = self._kernel(i, act, act.codes(xi))
             else:
-                y = self._reference(i, act(xi))
+                y, rows = self._reference(i, act, act(xi))
+            if rows:  # t = hi + lo: add the two halves
+                y = y[:, :rows] + y[:, rows:] if self.kind == "conv" else y[..., :rows] + y[..., rows:]
             if p["asym"]:  # drop the all-ones channel, subtract (z' s) times its box sum
                 n = self.spec["out"]
                 coef = getattr(self, f"coef{i}")
@@ -402,10 +441,10 @@ def require_backend(backend: str, device: str | torch.device = "cpu") -> None:
                              "conv/linear to oneDNN): pip install -e '.[int8]', or use --backend x86") from None
 
 
-def set_mode(int_unet: nn.Module, mode: str) -> nn.Module:
+def set_mode(int_unet: nn.Module, mode: str, split_weights: bool = False) -> nn.Module:
     for m in int_unet.modules():
         if isinstance(m, IntLayer):
-            m.set_mode(mode)
+            m.set_mode(mode, split_weights)
     return int_unet
 
 
@@ -415,7 +454,8 @@ def compile_for(int_unet: nn.Module, backend: str = "x86"):
     require_backend(backend)
     if backend == "x86":
         return set_mode(int_unet, "onednn")
-    set_mode(int_unet, "reference")
+    # the lowering reaches the same oneDNN kernels, so on a CPU whose kernels saturate it needs the split weights too
+    set_mode(int_unet, "reference", split_weights=kernels_saturate())
     # importing the quantizer module registers the x86 int8 fusion passes with inductor (torchao 0.18)
     import torch._inductor.config as inductor_config
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401

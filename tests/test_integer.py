@@ -270,3 +270,68 @@ def test_exported_w8a8_digits_samples_are_digits(tmp_path):
     d_int, d_fq = classifier.digits_fid(images) - classifier.digits_fid(fp), classifier.digits_fid(fq) - \
         classifier.digits_fid(fp)
     assert abs(d_int - d_fq) < 10, (d_int, d_fq)
+
+
+def _worst_case_layer(kind: str, t: int) -> IntLayer:
+    """A layer whose every product is 255 * t: the pair sums a CPU without VNNI forms in int16 overflow for |t| > 64."""
+    k = 64
+    spec = {"kind": kind, "out": 2, "bias": True,
+            "parts": [{"slice": [0, k], "w_shape": [2, k] + ([3, 3] if kind == "conv" else []),
+                       "act": {"scale": 0.5, "zero_point": 0, "qmax": 255}, "bits": 8, "asym": False}]}
+    if kind == "conv":
+        spec.update(stride=[1, 1], padding=[1, 1], dilation=[1, 1], kernel=[3, 3])
+    layer = IntLayer(spec)
+    with torch.no_grad():
+        layer.w0.fill_(t)
+        layer.s0.copy_(torch.tensor([1.0, 0.25]))
+        layer.bias.copy_(torch.tensor([3.0, -1.0]))
+    return layer.finalize()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("t", [127, -128])
+def test_kernels_are_exact_where_int16_pair_sums_would_saturate(kind, t, monkeypatch):
+    """Codes 255 times weights 127 (or -128): on a CPU whose oneDNN kernels saturate int16 pair sums (no VNNI) the
+    unsplit kernel is off by half; the layer must give the exact integer result on every CPU, and also when the split
+    is forced on a CPU that does not need it (so the split arithmetic is checked everywhere)."""
+    from eda import integer
+
+    x = torch.full((1, 64, 3, 3) if kind == "conv" else (3, 64), 127.5)  # codes round(127.5 / 0.5) = 255
+    n = 64 * (9 if kind == "conv" else 1)  # conv: the centre pixel sees all 3 x 3 taps
+    want = torch.tensor([255 * t * n * 0.5 * 1.0 + 3.0, 255 * t * n * 0.5 * 0.25 - 1.0])
+    for forced in (None, True):
+        if forced is not None:
+            monkeypatch.setattr(integer, "kernels_saturate", lambda: forced)
+        layer = _worst_case_layer(kind, t).set_mode("onednn")
+        with torch.no_grad():
+            y = layer(x)
+        got = y[0, :, 1, 1] if kind == "conv" else y[0]
+        assert torch.equal(got, want), (forced, got, want)
+        assert layer._packed[0][-1] == (2 if integer.kernels_saturate() else 0)  # split rows: 2 outputs per half
+    monkeypatch.setattr(integer, "kernels_saturate", lambda: False)  # the unsplit kernel, for contrast
+    layer = _worst_case_layer(kind, t).set_mode("onednn")
+    with torch.no_grad():
+        y = layer(x)
+    got = y[0, :, 1, 1] if kind == "conv" else y[0]
+    monkeypatch.undo()
+    assert torch.equal(got, want) != integer.kernels_saturate()  # the probe tells the two kinds of CPU apart
+
+
+def test_forced_split_keeps_per_layer_parity(tiny_unet, monkeypatch):
+    """The split path (t = hi + lo) through a whole UNet's layers, including the asymmetric-weight decomposition,
+    forced on so it runs on CPUs that do not need it."""
+    from eda import integer
+
+    monkeypatch.setattr(integer, "kernels_saturate", lambda: True)
+    q = _quantized(tiny_unet, "W8A8-asym-w")
+    x, t, kw = _inputs(tiny_unet)
+    seen = _captured_inputs(q, x, t, kw)
+    iu = set_mode(integer_unet(q), "onednn")
+    n_split = 0
+    for name, layer in ((n, m) for n, m in iu.named_modules() if isinstance(m, IntLayer)):
+        xin, ref = seen[name]
+        with torch.no_grad():
+            out = layer(xin)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6, name
+        n_split += any(v[-1] for v in layer._packed.values())
+    assert n_split > 0

@@ -103,8 +103,10 @@ def test_spacings_clipping_and_sample_prediction_match_diffusers(tmp_path, kw):
     theirs, their_t = diffusers_ddim(model, sched)
     mine, my_t = ours(model)
     assert my_t == their_t
-    # clamping x0 turns float32-vs-float64 alpha_bar noise at the clip boundary into a slightly larger difference
-    assert_trajectories_match(mine, theirs, rtol=5e-5 if kw.get("clip_sample") else 1e-5)
+    # Clamping x0 turns float32-vs-float64 alpha_bar noise at the clip boundary into a larger difference, and how much
+    # larger depends on the CPU's kernels: measured 2.8e-5 (AMD EPYC, AVX2) and 7.4e-5 (a CI machine) at the last step.
+    # The smallest configuration bug tried (set_alpha_to_one ignored) gives 5.3e-2 there, a wrong clip range 1.4.
+    assert_trajectories_match(mine, theirs, rtol=3e-4 if kw.get("clip_sample") else 1e-5)
 
 
 def test_timestep_spacings_are_diffusers():
